@@ -1,0 +1,186 @@
+"""Shared config pieces: the default ConfigDict, model sizes, derived quantities and validation."""
+
+import math
+
+import ml_collections
+
+from mae_st_jax import masking
+from mae_st_jax.models import layers
+from mae_st_jax.models.mae import model_kwargs, target_frame_indices
+
+MODES = ("pretrain",)
+SOURCES = ("synthetic", "tfrecord", "videos", "tfds")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults: the paper's ViT-L/16 pre-training recipe on synthetic data."""
+    c = ml_collections.ConfigDict()
+    c.mode = "pretrain"
+    c.seed = 0
+    c.init_from = ""  # a parameter checkpoint or a workdir to start the params from
+
+    c.model = ml_collections.ConfigDict(dict(
+        model_kwargs("l16"),
+        img_size=224, num_frames=16, t_patch_size=2, in_chans=3, mlp_ratio=4.0, qkv_bias=True,
+        sep_pos_embed=True, cls_embed=True,
+        decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16,
+        pred_t_dim=8, target_frames="linspace", norm_pix_loss=True,
+        mask_ratio=0.9, mask_strategy="random", mask_block_size=(2, 2, 2),
+        dtype="float32", param_dtype="float32", remat="none", scan_layers=False, attention_impl="",
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", path="",
+        num_videos=4096, num_classes=8, video_frames=96, video_fps=30.0,  # synthetic source
+        sampling_rate=4, target_fps=30.0, repeat_aug=4, flip=True,
+        mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
+        num_workers=4, prefetch=2,
+    ))
+
+    c.batch_size = 512  # global clips per optimizer step (repeat_aug clips per video included)
+    c.grad_accum_steps = 1
+    c.num_epochs = 400  # over videos; effective epochs = num_epochs * repeat_aug
+    c.total_steps = 0  # > 0 overrides num_epochs: where training stops
+    c.schedule_steps = 0  # > 0: length of the lr schedule, independent of where this run stops
+    c.warmup_epochs = 5.0
+    c.warmup_steps = -1  # >= 0 overrides warmup_epochs
+
+    c.optim = ml_collections.ConfigDict(dict(
+        blr=1.6e-3, lr=0.0, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+        clip_grad=0.02, decay_tokens=True, lr_counts_repeat_aug=False,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.param_sharding = "replicate"  # or "fsdp"
+    c.sharding_rules = ()  # extra (regex, "replicate" | "fsdp") rules, tried first
+    c.fsdp_min_size = 2 ** 12  # arrays with fewer elements stay replicated under fsdp
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.profile_start_step = -1  # >= 0: trace profile_num_steps steps into workdir
+    c.profile_num_steps = 5
+    c.write_reconstruction = True
+    return c
+
+
+def steps_per_epoch(config) -> int:
+    videos_per_step = config.batch_size // config.data.repeat_aug
+    return max(1, config.data.num_videos // videos_per_step)
+
+
+def total_steps(config) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    return int(config.num_epochs * steps_per_epoch(config))
+
+
+def schedule_steps(config) -> int:
+    """Steps the warmup + cosine schedule spans (defaults to the training length)."""
+    if config.schedule_steps > 0:
+        return int(config.schedule_steps)
+    return total_steps(config)
+
+
+def warmup_steps(config) -> int:
+    if config.warmup_steps >= 0:
+        return int(config.warmup_steps)
+    return int(round(config.warmup_epochs * steps_per_epoch(config)))
+
+
+def validate(config, num_devices: int, process_count: int = 1) -> None:
+    """Raise ConfigError naming the first bad field; runs before anything compiles."""
+    def fail(msg):
+        raise ConfigError(msg)
+
+    m, d, o = config.model, config.data, config.optim
+    if config.mode not in MODES:
+        fail(f"config.mode={config.mode!r}: choose one of {MODES}")
+    for field in ("img_size", "patch_size", "num_frames", "t_patch_size", "embed_dim", "depth", "num_heads",
+                  "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "pred_t_dim", "in_chans"):
+        if int(m[field]) < 1:
+            fail(f"config.model.{field}={m[field]} must be a positive integer")
+    if m.img_size % m.patch_size:
+        fail(f"config.model.img_size={m.img_size} is not divisible by config.model.patch_size={m.patch_size}")
+    if m.num_frames % m.t_patch_size:
+        fail(f"config.model.num_frames={m.num_frames} is not divisible by "
+             f"config.model.t_patch_size={m.t_patch_size}")
+    if m.embed_dim % m.num_heads:
+        fail(f"config.model.embed_dim={m.embed_dim} is not divisible by config.model.num_heads={m.num_heads}")
+    if m.decoder_embed_dim % m.decoder_num_heads:
+        fail(f"config.model.decoder_embed_dim={m.decoder_embed_dim} is not divisible by "
+             f"config.model.decoder_num_heads={m.decoder_num_heads}")
+    if not 0.0 < m.mask_ratio < 1.0:
+        fail(f"config.model.mask_ratio={m.mask_ratio} must be in (0, 1)")
+    if m.mask_strategy not in masking.STRATEGIES:
+        fail(f"config.model.mask_strategy={m.mask_strategy!r}: choose one of {masking.STRATEGIES}")
+    grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
+    try:
+        masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
+        target_frame_indices(m.num_frames, m.pred_t_dim, m.target_frames)
+    except ValueError as e:
+        fail(f"config.model: {e}")
+    if m.num_frames % m.pred_t_dim or (m.t_patch_size * m.pred_t_dim) % m.num_frames:
+        fail(f"config.model.pred_t_dim={m.pred_t_dim} must divide num_frames={m.num_frames} and "
+             f"t_patch_size*pred_t_dim must be a multiple of num_frames")
+    for field in ("dtype", "param_dtype"):
+        if m[field] not in DTYPES:
+            fail(f"config.model.{field}={m[field]!r}: choose one of {DTYPES}")
+    if m.remat not in layers.REMAT_POLICIES:
+        fail(f"config.model.remat={m.remat!r}: choose one of {sorted(layers.REMAT_POLICIES)}")
+    if m.attention_impl not in ("", "xla", "cudnn", "reference"):
+        fail(f"config.model.attention_impl={m.attention_impl!r}: choose '', 'xla', 'cudnn' or 'reference'")
+
+    if d.source not in SOURCES:
+        fail(f"config.data.source={d.source!r}: choose one of {SOURCES}")
+    if d.repeat_aug < 1:
+        fail(f"config.data.repeat_aug={d.repeat_aug} must be >= 1")
+    if d.sampling_rate < 1:
+        fail(f"config.data.sampling_rate={d.sampling_rate} must be >= 1")
+    if len(d.mean) != m.in_chans or len(d.std) != m.in_chans or min(d.std) <= 0:
+        fail(f"config.data.mean/std need {m.in_chans} entries and positive std")
+    if config.batch_size < 1:
+        fail(f"config.batch_size={config.batch_size} must be positive")
+    if config.batch_size % d.repeat_aug:
+        fail(f"config.batch_size={config.batch_size} is not divisible by config.data.repeat_aug={d.repeat_aug}")
+    if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+        fail(f"config.batch_size={config.batch_size} is not divisible by "
+             f"config.grad_accum_steps={config.grad_accum_steps}")
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % num_devices:
+        fail(f"config.batch_size={config.batch_size} (micro-batch {micro} with grad_accum_steps="
+             f"{config.grad_accum_steps}) is not divisible by the {num_devices} devices")
+    if micro % process_count:
+        fail(f"config.batch_size={config.batch_size}: micro-batch {micro} is not divisible by "
+             f"{process_count} processes")
+    mesh_shape = [config.mesh.get("data", -1), config.mesh.get("fsdp", 1)]
+    known = math.prod(s for s in mesh_shape if s != -1)
+    if mesh_shape.count(-1) > 1 or known < 1 or (num_devices % known if -1 in mesh_shape else known != num_devices):
+        fail(f"config.mesh={dict(config.mesh)} does not fit {num_devices} devices: use data=-1 and an "
+             f"fsdp size that divides {num_devices}")
+    if config.param_sharding not in ("replicate", "fsdp"):
+        fail(f"config.param_sharding={config.param_sharding!r}: choose 'replicate' or 'fsdp'")
+    if config.data.source == "synthetic" and d.num_videos < config.batch_size // d.repeat_aug:
+        fail(f"config.data.num_videos={d.num_videos} is smaller than the {config.batch_size // d.repeat_aug} "
+             f"videos one step needs")
+    steps = total_steps(config)
+    if steps < 1:
+        fail(f"config.total_steps / config.num_epochs give {steps} steps: set config.total_steps > 0")
+    if warmup_steps(config) >= schedule_steps(config):
+        fail(f"config.warmup_steps/warmup_epochs give {warmup_steps(config)} warmup steps, not fewer than "
+             f"the {schedule_steps(config)} steps of the schedule (config.total_steps / schedule_steps)")
+    if o.blr <= 0 and o.lr <= 0:
+        fail("config.optim.blr (or config.optim.lr) must be positive")
+    if o.min_lr < 0 or o.weight_decay < 0 or o.clip_grad < 0:
+        fail("config.optim.min_lr, weight_decay and clip_grad must be >= 0")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        fail(f"config.optim.b1={o.b1} and b2={o.b2} must be in [0, 1)")
+    for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[field] < 1:
+            fail(f"config.{field}={config[field]} must be >= 1")

@@ -1,0 +1,465 @@
+"""PyTorch MAE-ST checkpoints (mae_st `.pth`, PySlowFast `.pyth`) <-> our NNX parameter trees.
+
+Import:  python -m mae_st_jax.convert.from_torch --input=FILE.pth --output=DIR [--config.num_heads=16 ...]
+Export:  python -m mae_st_jax.convert.from_torch --input=DIR --output=FILE.pth --export
+
+Overrides may be written `--config.x=y` or `--config.model.x=y`; `--config.kind=classifier
+--config.num_classes=400` turns a pre-training checkpoint into a classifier to fine-tune.
+"""
+
+import argparse
+import ast
+import functools
+import inspect
+import json
+import math
+import pickle
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from flax import nnx, traverse_util
+
+from mae_st_jax.models.classifier import VideoClassifier
+from mae_st_jax.models.mae import MaskedAutoencoder, VideoEncoder
+from mae_st_jax.train import checkpoint
+
+KINDS = {"pretrain": MaskedAutoencoder, "classifier": VideoClassifier, "encoder": VideoEncoder}
+STACKED = ("blocks", "decoder_blocks")  # our trees hold these blocks with a leading [depth] axis
+DEFAULT_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
+DECODER_KEY = re.compile(r"^(decoder_|mask_token)")
+
+
+# --- reading a torch file -----------------------------------------------------------------------
+def _numpy(value) -> np.ndarray:
+    """A torch tensor (fp16/bf16 widened to fp32) or array-like as a numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.element_size() < 4:
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def load_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The model weights of a `.pth`/`.pyth` file (or a bare state dict) as numpy arrays, keys
+    without a DDP `module.` prefix. Loads with weights_only=True unless `allow_pickle`."""
+    import torch  # noqa: PLC0415 (torch is only needed here)
+
+    def load(weights_only):
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+    try:
+        ckpt = load(not allow_pickle)
+    except pickle.UnpicklingError as err:  # mae_st stores its argparse.Namespace under "args"
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = load(True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}); "
+                             f"if you trust the file, pass --allow_pickle") from None
+    state = ckpt.state_dict() if hasattr(ckpt, "state_dict") else ckpt  # a pickled nn.Module
+    for field in ("model", "model_state", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(field), dict):
+            state = ckpt[field]
+            break
+    out, skipped = {}, []
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            skipped.append(key)
+            continue
+        out[key.removeprefix("module.")] = _numpy(value)
+    if skipped:
+        logging.info("%s: skipped %d non-tensor entries: %s", path, len(skipped), skipped[:10])
+    return out
+
+
+def canonical(state_dict: dict) -> dict[str, np.ndarray]:
+    """mae_st key names: strip `module.`, split fused `attn.qkv`, `head.projection` -> `head`."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        value = _numpy(value)
+        fused = re.fullmatch(r"(.*\.attn)\.qkv\.(weight|bias)", key)
+        if fused:  # [3E, E] / [3E] -> q, k, v
+            for name, part in zip("qkv", np.split(value, 3, axis=0)):
+                out[f"{fused[1]}.{name}.{fused[2]}"] = part
+            continue
+        out[re.sub(r"^head\.projection\.", "head.", key)] = value
+    return out
+
+
+# --- what the shapes say ------------------------------------------------------------------------
+def _depth(sd, prefix):
+    return len({int(m[1]) for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+
+
+def _facts(sd: dict) -> dict:
+    """Settings readable from a canonical state dict's names and shapes (only those present)."""
+    f = {"cls_embed": "cls_token" in sd, "sep_pos_embed": "pos_embed_spatial" in sd,
+         "depth": _depth(sd, "blocks")}
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.ndim == 5:  # [E, C, t, p, p]
+        f.update(embed_dim=w.shape[0], in_chans=w.shape[1], t_patch_size=w.shape[2], patch_size=w.shape[3])
+    if "blocks.0.mlp.fc1.weight" in sd:
+        fc1 = sd["blocks.0.mlp.fc1.weight"]
+        f["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+    if "blocks.0.attn.q.weight" in sd:
+        f["qkv_bias"] = "blocks.0.attn.q.bias" in sd
+    for name, key in (("spatial_tokens", "pos_embed_spatial"), ("temporal_tokens", "pos_embed_temporal"),
+                      ("pos_tokens", "pos_embed")):
+        if key in sd:
+            f[name] = sd[key].shape[1]
+    if "decoder_embed.weight" in sd:
+        f["decoder_embed_dim"] = sd["decoder_embed.weight"].shape[0]
+        f["decoder_depth"] = _depth(sd, "decoder_blocks")
+        f["decoder_sep_pos_embed"] = "decoder_pos_embed_spatial" in sd
+    if "decoder_pred.weight" in sd:
+        f["pred_dim"] = sd["decoder_pred.weight"].shape[0]
+    if "head.weight" in sd:
+        f["num_classes"] = sd["head.weight"].shape[0]
+    return f
+
+
+def _kind_of(sd) -> str:
+    return "pretrain" if "decoder_embed.weight" in sd else "classifier" if "head.weight" in sd else "encoder"
+
+
+def _kind(model_config: dict, sd: dict | None = None) -> str:
+    """The config's `kind`; else 'classifier' if it has num_classes; else the checkpoint's (or 'pretrain')."""
+    if "kind" in model_config:
+        return model_config["kind"]
+    if "num_classes" in model_config:
+        return "classifier"
+    return _kind_of(sd) if sd is not None else "pretrain"
+
+
+def default_num_heads(width: int, head_dim: int = 64) -> int:
+    return DEFAULT_HEADS.get(width, max(1, width // head_dim))
+
+
+def infer_model_config(state_dict: dict, **overrides) -> dict:
+    """Constructor kwargs (plus `kind`) read from a state dict's shapes; `overrides` win.
+
+    Not in the shapes: num_heads (default per width), decoder_num_heads (16, as mae_st;
+    PySlowFast uses 8), and, for a joint pos table, how its tokens split into T' x H' x W'
+    (from `num_frames` or `img_size` in overrides, else num_frames=16).
+    """
+    sd = canonical(state_dict)
+    f = _facts(sd)
+    if "patch_size" not in f:
+        raise ValueError("no patch_embed.proj.weight [E, C, t, p, p]: not an MAE-ST ViT state dict")
+    kind = overrides.get("kind", _kind_of(sd))
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {sorted(KINDS)}")
+    p, t, e = f["patch_size"], f["t_patch_size"], f["embed_dim"]
+    if f["sep_pos_embed"]:
+        if "temporal_tokens" not in f:
+            raise ValueError("the state dict has pos_embed_spatial but misses the key pos_embed_temporal")
+        spatial, temporal = f["spatial_tokens"], f["temporal_tokens"]
+    elif "pos_tokens" in f:
+        length = f["pos_tokens"] - int(f["cls_embed"])
+        if "img_size" in overrides:
+            spatial = (overrides["img_size"] // p) ** 2
+            temporal = length // spatial
+        else:
+            temporal = overrides.get("num_frames", 16) // t
+            spatial = length // max(temporal, 1)
+        if spatial * temporal != length or math.isqrt(spatial) ** 2 != spatial:
+            raise ValueError(f"the joint pos_embed's {length} patch tokens do not split into T'={temporal} x a "
+                             f"square H'xW' grid: set --config.model.num_frames or --config.model.img_size")
+    else:
+        raise ValueError("no pos_embed / pos_embed_spatial in the state dict: cannot infer the token grid")
+    side = math.isqrt(spatial)
+    if side * side != spatial:
+        raise ValueError(f"{spatial} spatial tokens is not a square grid: set --config.model.num_frames "
+                         f"or --config.model.img_size")
+    config = dict(kind=kind, img_size=side * p, patch_size=p, num_frames=temporal * t, t_patch_size=t,
+                  in_chans=f["in_chans"], embed_dim=e, depth=f["depth"], num_heads=default_num_heads(e),
+                  mlp_ratio=f.get("mlp_ratio", 4.0), qkv_bias=f.get("qkv_bias", True),
+                  sep_pos_embed=f["sep_pos_embed"], cls_embed=f["cls_embed"])
+    if kind == "pretrain":
+        if "decoder_embed_dim" not in f:
+            raise ValueError("kind='pretrain' needs a checkpoint with a decoder (decoder_embed.weight)")
+        d = f["decoder_embed_dim"]
+        u = f.get("pred_dim", 0) // (p * p * f["in_chans"])
+        config.update(decoder_embed_dim=d, decoder_depth=f["decoder_depth"],
+                      decoder_num_heads=16 if d % 16 == 0 else default_num_heads(d), pred_t_dim=u * temporal)
+    if kind == "classifier":
+        if "num_classes" not in f and "num_classes" not in overrides:
+            raise ValueError("the checkpoint has no head: set --config.model.num_classes for kind='classifier'")
+        config["num_classes"] = f.get("num_classes")
+    config.update(overrides)
+    return config
+
+
+# --- comparing a state dict with a config -------------------------------------------------------
+def _defaults(cls) -> dict:
+    out = {}
+    for c in reversed(cls.__mro__):
+        if "__init__" in vars(c):
+            for name, prm in inspect.signature(c.__init__).parameters.items():
+                if prm.default is not inspect.Parameter.empty:
+                    out[name] = prm.default
+    return out
+
+
+def _setting_error(name, found, wanted) -> ValueError:
+    return ValueError(f"checkpoint has {name}={found}, config says {wanted}: set --config.model.{name}={found}")
+
+
+def check_settings(state_dict: dict, model_config: dict) -> None:
+    """Raise a ValueError naming the first setting of `model_config` the checkpoint disagrees with."""
+    sd = canonical(state_dict)
+    f = _facts(sd)
+    kind = _kind(model_config, sd)
+    cfg = {**_defaults(KINDS[kind]), **model_config}
+    for name in ("patch_size", "t_patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio", "qkv_bias",
+                 "cls_embed", "sep_pos_embed"):
+        if name in f and f[name] != cfg[name]:
+            raise _setting_error(name, f[name], cfg[name])
+    p, t = cfg["patch_size"], cfg["t_patch_size"]
+    gt, gs = cfg["num_frames"] // t, (cfg["img_size"] // p) ** 2
+    if "spatial_tokens" in f and f["spatial_tokens"] != gs:
+        side = math.isqrt(f["spatial_tokens"])
+        found = side * p if side * side == f["spatial_tokens"] else f"?({f['spatial_tokens']} tokens)"
+        raise _setting_error("img_size", found, cfg["img_size"])
+    if "temporal_tokens" in f and f["temporal_tokens"] != gt:
+        raise _setting_error("num_frames", f["temporal_tokens"] * t, cfg["num_frames"])
+    if "pos_tokens" in f and f["pos_tokens"] - int(f["cls_embed"]) != gt * gs:
+        length = f["pos_tokens"] - int(f["cls_embed"])
+        hint = f" (num_frames={length // gs * t} at img_size={cfg['img_size']})" if length % gs == 0 else ""
+        raise ValueError(f"checkpoint's pos_embed has {length} patch tokens, config implies "
+                         f"{gt}x{gs} = {gt * gs}: set --config.model.num_frames / img_size{hint}")
+    if kind == "pretrain" and "decoder_embed_dim" in f:
+        if f["decoder_sep_pos_embed"] != cfg["sep_pos_embed"]:
+            raise ValueError("checkpoint's decoder pos table is " + ("separable" if f["decoder_sep_pos_embed"]
+                             else "joint") + " but its encoder's is not: MaskedAutoencoder cannot hold both")
+        for name in ("decoder_embed_dim", "decoder_depth"):
+            if f[name] != cfg[name]:
+                raise _setting_error(name, f[name], cfg[name])
+        u = f.get("pred_dim", 0) // (p * p * cfg["in_chans"])
+        if "pred_dim" in f and u * gt != cfg["pred_t_dim"]:
+            raise _setting_error("pred_t_dim", u * gt, cfg["pred_t_dim"])
+    if kind == "classifier" and "num_classes" in f and f["num_classes"] != cfg["num_classes"]:
+        raise _setting_error("num_classes", f["num_classes"], cfg["num_classes"])
+
+
+# --- our tree <-> torch keys ----------------------------------------------------------------------
+def build_model(model_config: dict, rngs: nnx.Rngs | None = None):
+    """The NNX model a config describes (`kind` picks the class); abstract (no arrays) without rngs."""
+    config = dict(model_config)
+    cls = KINDS[_kind(config)]
+    config.pop("kind", None)
+    if rngs is None:
+        return nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), **config))
+    return cls(rngs=rngs, **config)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_split(config_json: str):
+    return nnx.split(build_model(json.loads(config_json)), nnx.Param)
+
+
+def _abstract(model_config: dict):
+    """(graphdef, abstract param State) of a config's model, cached per config."""
+    try:
+        graphdef, state = _abstract_split(json.dumps(model_config, sort_keys=True))
+    except TypeError:  # a value JSON cannot key: no caching
+        return nnx.split(build_model(model_config), nnx.Param)
+    return graphdef, jax.tree.map(lambda x: x, state)  # a fresh State over the shared leaves
+
+
+def _abstract_params(model_config: dict) -> dict:
+    """{path tuple: ShapeDtypeStruct} of the config's parameter tree."""
+    return traverse_util.flatten_dict(_abstract(model_config)[1].to_pure_dict())
+
+
+def _torch_keys(path: tuple, shape: tuple) -> list[tuple[str, int | None]]:
+    """(torch key, index along the stacked-blocks axis or None) for one of our leaves."""
+    leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1]) if len(path) > 1 else path[-1]
+    if path[0] in STACKED:
+        return [(".".join((path[0], str(i)) + path[1:-1] + (leaf,)), i) for i in range(shape[0])]
+    return [(".".join(path[:-1] + (leaf,)), None)]
+
+
+def _to_torch(value, leaf: str):
+    """Linear kernel [in, out] -> weight [out, in]; conv [t, p, p, I, O] -> [O, I, t, p, p]."""
+    if leaf != "kernel":
+        return value
+    return value.T if value.ndim == 2 else value.transpose(4, 3, 0, 1, 2)
+
+
+def _from_torch(value, leaf: str):
+    if leaf != "kernel":
+        return value
+    return value.T if value.ndim == 2 else value.transpose(2, 3, 4, 1, 0)
+
+
+def _names(keys, limit=20) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def torch_to_params(state_dict: dict, model_config: dict) -> dict:
+    """Our nested param dict (numpy, fp32 where the model is) from a torch state dict.
+
+    A pre-training checkpoint read as kind='classifier' or 'encoder' drops its decoder (logged);
+    a classifier without a head in the file gets no 'head' entry (keep the initialised one).
+    """
+    sd = canonical(state_dict)
+    check_settings(sd, model_config)
+    kind = _kind(model_config, sd)
+    abstract = _abstract_params({**model_config, "kind": kind})
+    if kind == "classifier" and not any(k.startswith("head.") for k in sd):
+        logging.info("no head in the checkpoint: the classifier head stays initialised")
+        abstract = {path: v for path, v in abstract.items() if path[0] != "head"}
+    dropped = [k for k in sd if (kind != "pretrain" and DECODER_KEY.match(k))
+               or (kind == "encoder" and k.startswith("head."))]
+    if dropped:
+        logging.info("dropping %d %s keys not used by a %s model", len(dropped),
+                     "decoder/head" if kind == "encoder" else "decoder", kind)
+    wanted = {key: (path, i) for path, leaf in abstract.items() for key, i in _torch_keys(path, leaf.shape)}
+    missing, unexpected = set(wanted) - set(sd), set(sd) - set(wanted) - set(dropped)
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit a {kind} model: missing keys [{_names(missing)}]; "
+                         f"unexpected keys [{_names(unexpected)}]")
+    bad = []
+    for key, (path, i) in wanted.items():
+        shape = abstract[path].shape[1:] if i is not None else abstract[path].shape
+        expect = _to_torch(np.empty(shape, np.int8), path[-1]).shape
+        if sd[key].shape != expect:
+            bad.append(f"{key} {tuple(sd[key].shape)} (config implies {expect})")
+    if bad:
+        raise ValueError(f"shapes differ from the config: {'; '.join(bad[:10])}")
+    flat = {}
+    for path, leaf in abstract.items():
+        keys = _torch_keys(path, leaf.shape)
+        values = [_from_torch(sd[key], path[-1]) for key, _ in keys]
+        value = np.stack(values) if path[0] in STACKED else values[0]
+        flat[path] = np.asarray(value, dtype=leaf.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_torch(params, model_config: dict | None = None) -> dict[str, np.ndarray]:
+    """mae_st state dict (numpy) from our param tree; the inverse of `torch_to_params`.
+
+    With `model_config`, the tree is first checked against the tree that config describes.
+    """
+    if hasattr(params, "to_pure_dict"):
+        params = params.to_pure_dict()
+    flat = traverse_util.flatten_dict(params)
+    if model_config is not None:
+        abstract = _abstract_params(model_config)
+        diff = set(abstract) ^ set(flat)
+        if diff or any(tuple(np.shape(flat[k])) != abstract[k].shape for k in abstract):
+            raise ValueError(f"params do not match model_config (differing: {sorted('.'.join(k) for k in diff)[:10]})")
+    out = {}
+    for path, value in flat.items():
+        value = np.asarray(value)
+        for key, i in _torch_keys(path, value.shape):
+            out[key] = np.ascontiguousarray(_to_torch(value[i] if i is not None else value, path[-1]))
+    return out
+
+
+# --- notebook API -----------------------------------------------------------------------------------
+def complete_params(params: dict, model_config: dict, seed: int = 0) -> dict:
+    """Fill leaves the checkpoint lacked (a fresh classifier head) from an initialised model."""
+    flat = traverse_util.flatten_dict(params)
+    missing = [k for k in _abstract_params(model_config) if k not in flat]
+    if not missing:
+        return params
+
+    @jax.jit
+    def init_missing():  # only the missing leaves are returned, so XLA drops the rest of the init
+        fresh = nnx.split(build_model(model_config, nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
+        fresh = traverse_util.flatten_dict(fresh)
+        return {".".join(k): fresh[k] for k in missing}
+
+    filled = init_missing()
+    logging.info("initialised %d parameters the checkpoint lacks: %s", len(missing), sorted(filled))
+    return traverse_util.unflatten_dict({**flat, **{k: np.asarray(filled[".".join(k)]) for k in missing}})
+
+
+def model_from_params(params: dict, model_config: dict):
+    """An NNX model holding `params` (a nested dict in our layout)."""
+    graphdef, state = _abstract(model_config)
+    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def load_into_model(path: str, *, allow_pickle: bool = False, **overrides):
+    """A MaskedAutoencoder / VideoClassifier / VideoEncoder (by `kind`) with a torch file's weights.
+
+    `overrides` are constructor kwargs (num_heads=16, attention_impl='cudnn', ...) or
+    kind='classifier', num_classes=K to fine-tune from pre-training weights.
+    """
+    state_dict = load_torch_state_dict(path, allow_pickle=allow_pickle)
+    config = infer_model_config(state_dict, **overrides)
+    params = complete_params(torch_to_params(state_dict, config), config)
+    return model_from_params(params, config)
+
+
+# --- command line ---------------------------------------------------------------------------------
+FLAGS = flags.FlagValues()  # private: importing this module adds no global flags
+flags.DEFINE_string("input", None, "a .pth/.pyth file (import) or our parameter directory (--export)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("output", None, "our parameter directory (import) or a .pth file (--export)", flag_values=FLAGS)
+flags.DEFINE_bool("export", False, "write a mae_st .pth from our parameter directory", flag_values=FLAGS)
+flags.DEFINE_bool("allow_pickle", False, "torch.load with weights_only=False (trusted files only)",
+                  flag_values=FLAGS)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--config.num_heads=16', '--config.model.kind=classifier'] -> {'num_heads': 16, 'kind': 'classifier'}."""
+    out = {}
+    for arg in args:
+        name, sep, text = arg.removeprefix("--config.").partition("=")
+        if not sep:
+            raise ValueError(f"{arg}: write overrides as --config.<field>=<value>")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = {"true": True, "false": False}.get(text.lower(), text)
+        out[name.removeprefix("model.")] = value
+    return out
+
+
+def convert(input_path: str, output: str, *, export: bool = False, overrides: dict | None = None,
+            allow_pickle: bool = False) -> dict:
+    """The CLI's work: torch file -> `checkpoint.save_params` directory, or back with `export`.
+    Returns the model config written (import) or read (export)."""
+    if export:
+        import torch  # noqa: PLC0415
+
+        params, config = checkpoint.load_params(input_path)
+        state = params_to_torch(params, config)
+        torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, output)
+        logging.info("wrote %d tensors to %s", len(state), output)
+        return config
+    state_dict = load_torch_state_dict(input_path, allow_pickle=allow_pickle)
+    config = infer_model_config(state_dict, **(overrides or {}))
+    params = complete_params(torch_to_params(state_dict, config), config)
+    checkpoint.save_params(output, params, config)
+    logging.info("wrote %s params (%s) to %s", config["kind"], config, output)
+    return config
+
+
+def main(argv: list[str]) -> None:
+    if {"-h", "--help", "--helpfull"} & set(argv[1:]):
+        raise SystemExit(f"{__doc__}\n{FLAGS.get_help()}")
+    config_args = [a for a in argv[1:] if a.startswith("--config.")]
+    FLAGS.unparse_flags()
+    FLAGS([argv[0]] + [a for a in argv[1:] if not a.startswith("--config.")])
+    if not FLAGS.input or not FLAGS.output:
+        raise SystemExit(f"usage: {__doc__}\n{FLAGS.get_help()}")
+    convert(FLAGS.input, FLAGS.output, export=FLAGS.export, overrides=parse_overrides(config_args),
+            allow_pickle=FLAGS.allow_pickle)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    main(sys.argv)

@@ -1,0 +1,1 @@
+"""Data loading, clip sampling and video sources for MAE-ST."""

@@ -1,0 +1,44 @@
+"""Command-line entry: `python -m mae_st_jax.main --config=configs/demo.py --workdir=DIR` runs config.mode."""
+
+import logging as pylogging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mae_st_jax import config_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:vit_l,k400.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and figures.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop INFO chatter from Orbax and friends; warnings and errors still pass."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or not any(
+            name in record.pathname for name in ("/orbax/", "/clu/parameter_overview"))
+
+
+def main(argv):
+    del argv
+    for handler in pylogging.getLogger().handlers + [logging.get_absl_handler()]:
+        handler.addFilter(_QuietLibraries())
+    config = FLAGS.config
+    logging.info("JAX %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+    try:
+        config_lib.validate(config, jax.device_count(), jax.process_count())
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if config.mode == "pretrain":
+        from mae_st_jax.train import pretrain
+        pretrain.train(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, sharding, checkpoints, the jitted step and the loops."""

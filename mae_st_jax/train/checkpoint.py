@@ -1,0 +1,84 @@
+"""Orbax checkpoints: the training CheckpointManager (async, keep-N, auto-resume) and
+stand-alone parameter checkpoints (`params/` + `model.json`) that `config.init_from` reads."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PARAMS_DIR, MODEL_JSON = "params", "model.json"
+
+
+def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """CheckpointManager over `workdir/checkpoints`; only committed steps are listed."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+
+
+def save_state(mgr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
+    return mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
+    """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def save_params(directory: str, params, model_config: dict) -> None:
+    """Write a parameter-only checkpoint: `directory/params` (Orbax) and `directory/model.json`."""
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path / PARAMS_DIR), params, force=True)
+        ckptr.wait_until_finished()
+    (path / MODEL_JSON).write_text(json.dumps(_jsonable(model_config), indent=2, sort_keys=True))
+
+
+def load_params(directory: str, abstract_params=None):
+    """(params, model_config) from `save_params`' layout or from a training workdir (latest step).
+
+    With `abstract_params` (a tree of ShapeDtypeStruct, optionally sharded) the arrays are
+    restored onto those shardings; without it they come back as host numpy arrays.
+    """
+    path = epath.Path(directory)
+    if (path / PARAMS_DIR).exists():
+        model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
+        with ocp.StandardCheckpointer() as ckptr:
+            target = abstract_params if abstract_params is not None else _host_target(ckptr, path / PARAMS_DIR)
+            return ckptr.restore(os.path.abspath(path / PARAMS_DIR), target), model_config
+    if (path / "checkpoints").exists():
+        mgr = manager(str(path), async_save=False)
+        step = mgr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
+        model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
+        restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
+            restore_args=None, partial_restore=True,
+            item={"params": abstract_params} if abstract_params is not None else None))
+        params = restored["params"]
+        if abstract_params is None:
+            params = jax.tree.map(np.asarray, params)
+        return params, model_config
+    raise FileNotFoundError(f"init_from={directory}: neither a parameter checkpoint ({PARAMS_DIR}/) "
+                            f"nor a training workdir (checkpoints/)")
+
+
+def _host_target(ckptr, path):
+    meta = ckptr.metadata(os.path.abspath(path))
+    meta = getattr(meta, "item_metadata", meta)
+    return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,86 @@
+"""The jitted pre-training step: normalise, mask, forward, loss, gradient (accumulated), AdamW."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mae_st_jax.train import sharding as shd
+
+
+def normalize(video_uint8: jax.Array, mean, std) -> jax.Array:
+    """uint8 [.., 3] -> float32 (x / 255 - mean) / std, on device."""
+    x = video_uint8.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def create_state(model_fn, tx, mesh, config, params=None):
+    """(graphdef, state, state_shardings); the state is born sharded (jit with out_shardings).
+
+    model_fn(rngs) builds the NNX model. `params` (a host tree) replaces the fresh init.
+    """
+    abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(params=config.seed)))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+
+    def init():
+        p = nnx.split(model_fn(nnx.Rngs(params=config.seed)), nnx.Param)[1].to_pure_dict()
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+
+    abstract = jax.eval_shape(init)
+    shardings = shd.tree_shardings(abstract, mesh, config.param_sharding, config.sharding_rules,
+                                   config.fsdp_min_size)
+    if params is None:
+        state = jax.jit(init, out_shardings=shardings)()
+    else:
+        def init_with(p):
+            return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+        state = jax.jit(init_with, out_shardings=shardings)(params)
+    return graphdef, state, shardings
+
+
+def abstract_with_shardings(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def make_pretrain_step(graphdef, tx, schedule, mesh, config, state_shardings):
+    """jit(step)(state, batch) -> (state, metrics); batch['video'] is uint8 [A, B/A, T, H, W, C]."""
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
+    seed = config.seed
+
+    def loss_fn(params, video, key):
+        model = nnx.merge(graphdef, params)
+        video = jax.lax.with_sharding_constraint(normalize(video, mean, std), micro_sharding)
+        loss, _, _ = model(video, key=key)
+        return loss
+
+    def step(state, batch):
+        params, step_no = state["params"], state["step"]
+        key = jax.random.fold_in(jax.random.key(seed), step_no)
+        videos = batch["video"]
+        grad_fn = jax.value_and_grad(loss_fn)
+        if videos.shape[0] == 1:
+            loss, grads = grad_fn(params, videos[0], jax.random.fold_in(key, 0))
+        else:
+            def micro(carry, xs):
+                loss_sum, grad_sum = carry
+                video, i = xs
+                l, g = grad_fn(params, video, jax.random.fold_in(key, i))
+                return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            n = videos.shape[0]
+            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                            (videos, jnp.arange(n)))
+            loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": step_no + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step_no),
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+        return new_state, metrics
+
+    batch_sh = {"video": shd.batch_sharding(mesh, 6)}
+    return jax.jit(step, in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,229 @@
+"""Tests for the PyTorch checkpoint converter and the fine-tuning classifier, against a torch MAE-ST."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx, traverse_util
+
+sys.path.insert(0, os.path.dirname(__file__))
+import torch_reference as ref  # noqa: E402
+
+from mae_st_jax.convert import from_torch as conv  # noqa: E402
+from mae_st_jax.models import MaskedAutoencoder, VideoClassifier  # noqa: E402
+from mae_st_jax.train import checkpoint  # noqa: E402
+
+torch.set_num_threads(2)
+MASK_RATIO = 0.75
+
+
+def numpy_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def jit_apply(model, *args, **kwargs):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, **kwargs))(state, *args)
+
+
+def assert_close(ours, theirs):
+    """Elementwise rtol 1e-5 with atol 3e-6 * max|theirs|, and RMS error under 3e-6 of RMS.
+
+    Torch fp32 and our fp32 each sit ~1e-6 * max from a float64 run of the same torch model:
+    this is rounding noise, so a tighter elementwise bound would test summation order.
+    """
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=3e-6 * np.abs(theirs).max())
+    assert np.sqrt(np.mean((ours - theirs) ** 2) / np.mean(theirs ** 2)) < 3e-6
+
+
+def assert_trees_equal(a: dict, b: dict):
+    a, b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=str(key))
+
+
+def assert_state_dicts_equal(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# B/16-shaped (width 768, 12 heads; decoder 512 x 16 heads) but 2 + 2 blocks and tiny clips.
+PRETRAIN_CASES = {
+    "sep_cls_8x32_pred4": dict(sep_pos_embed=True, cls_embed=True, num_frames=8, img_size=32, pred_t_dim=4),
+    "joint_nocls_8x32_pred8": dict(sep_pos_embed=False, cls_embed=False, num_frames=8, img_size=32, pred_t_dim=8),
+    "sep_nocls_4x64_pred4": dict(sep_pos_embed=True, cls_embed=False, num_frames=4, img_size=64, pred_t_dim=4),
+    "joint_cls_4x64_pred2": dict(sep_pos_embed=False, cls_embed=True, num_frames=4, img_size=64, pred_t_dim=2),
+}
+
+
+@pytest.fixture(scope="module")
+def pretrain_sd():
+    return numpy_state(ref.randomize(ref.MaskedAutoencoder(**PRETRAIN_CASES["sep_cls_8x32_pred4"]), 7))
+
+
+@pytest.mark.parametrize("name", list(PRETRAIN_CASES))
+def test_pretrain_matches_torch(name):
+    case = PRETRAIN_CASES[name]
+    torch_model = ref.randomize(ref.MaskedAutoencoder(**case), seed=len(name)).eval()
+    sd = numpy_state(torch_model)
+    impl = "reference" if case["cls_embed"] else ""
+    config = conv.infer_model_config(sd, num_frames=case["num_frames"], attention_impl=impl)
+    assert config["kind"] == "pretrain" and config["pred_t_dim"] == case["pred_t_dim"]
+    assert (config["img_size"], config["embed_dim"], config["num_heads"], config["decoder_num_heads"]) == (
+        case["img_size"], 768, 12, 16)
+    params = conv.torch_to_params(sd, config)
+    model = conv.model_from_params(params, config)
+
+    rng = np.random.default_rng(0)
+    video = rng.standard_normal((2, 3, case["num_frames"], case["img_size"], case["img_size"])).astype(np.float32)
+    noise = rng.random((2, model.geometry.num_patches)).astype(np.float32)
+    with torch.no_grad():
+        loss_t, pred_t, mask_t = torch_model(torch.from_numpy(video), torch.from_numpy(noise), MASK_RATIO)
+    loss, pred, mask = jit_apply(model, jnp.asarray(video.transpose(0, 2, 3, 4, 1)), jnp.asarray(noise),
+                                 mask_ratio=MASK_RATIO)
+    np.testing.assert_array_equal(np.asarray(mask), mask_t.numpy())
+    assert_close(pred, pred_t.numpy())
+    np.testing.assert_allclose(float(loss), float(loss_t), rtol=1e-5)
+
+    assert_state_dicts_equal(conv.params_to_torch(params, config), sd)  # import -> export: the file
+    assert_trees_equal(conv.torch_to_params(conv.params_to_torch(params, config), config), params)
+
+
+@pytest.mark.parametrize("sep,cls", [(True, True), (False, False)])
+def test_classifier_matches_torch(sep, cls):
+    torch_model = ref.randomize(ref.VisionTransformer(num_classes=7, sep_pos_embed=sep, cls_embed=cls), 3).eval()
+    sd = numpy_state(torch_model)
+    config = conv.infer_model_config(sd, num_frames=8)
+    assert config["kind"] == "classifier" and config["num_classes"] == 7
+    params = conv.torch_to_params(sd, config)
+    model = conv.model_from_params(params, config)
+    video = np.random.default_rng(1).standard_normal((3, 3, 8, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        logits_t = torch_model(torch.from_numpy(video)).numpy()
+    logits = jit_apply(model, jnp.asarray(video.transpose(0, 2, 3, 4, 1)))
+    assert logits.dtype == jnp.float32
+    assert_close(logits, logits_t)
+    assert_state_dicts_equal(conv.params_to_torch(params, config), sd)
+
+
+def test_export_then_import_is_identity():
+    kwargs = dict(img_size=32, num_frames=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                  decoder_depth=2, decoder_num_heads=4, pred_t_dim=4)
+    abstract = nnx.split(nnx.eval_shape(lambda: MaskedAutoencoder(rngs=nnx.Rngs(0), **kwargs)), nnx.Param)[1]
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), abstract.to_pure_dict())
+    config = {"kind": "pretrain", **kwargs}
+    sd = conv.params_to_torch(params, config)
+    assert sd["patch_embed.proj.weight"].shape == (64, 3, 2, 16, 16)
+    assert sd["blocks.1.attn.q.weight"].shape == (64, 64) and "blocks.2.attn.q.weight" not in sd
+    assert_trees_equal(conv.torch_to_params(sd, config), params)
+    inferred = conv.infer_model_config(sd, num_heads=4, decoder_num_heads=4)
+    assert {k: inferred[k] for k in config} == config
+
+
+def test_pyslowfast_layout_matches_mae_st(tmp_path, pretrain_sd):
+    classifier_sd = numpy_state(ref.randomize(ref.VisionTransformer(num_classes=5), 4))
+    for sd in (pretrain_sd, classifier_sd):
+        path = tmp_path / "ckpt.pyth"
+        fused = ref.to_pyslowfast({k: torch.from_numpy(v) for k, v in sd.items()})
+        fused["model_state"] = {"module." + k: v for k, v in fused["model_state"].items()}
+        torch.save(fused, path)
+        loaded = conv.load_torch_state_dict(str(path))
+        assert any(".attn.qkv." in k for k in loaded) and not any(k.startswith("module.") for k in loaded)
+        config = conv.infer_model_config(sd)
+        assert conv.infer_model_config(loaded) == config
+        assert_trees_equal(conv.torch_to_params(loaded, config), conv.torch_to_params(sd, config))
+
+
+def _error(sd, config, **changes):
+    with pytest.raises(ValueError) as err:
+        conv.torch_to_params(sd, {**config, **changes})
+    return str(err.value)
+
+
+def test_errors_name_the_setting_or_key(pretrain_sd):
+    config = conv.infer_model_config(pretrain_sd)
+    msg = _error(pretrain_sd, config, t_patch_size=4)
+    assert "t_patch_size=2, config says 4" in msg and "--config.model.t_patch_size=2" in msg
+    assert "--config.model.decoder_depth=2" in _error(pretrain_sd, config, decoder_depth=4)
+    assert "pred_t_dim=4" in _error(pretrain_sd, config, pred_t_dim=8)
+    assert "img_size=32, config says 48" in _error(pretrain_sd, config, img_size=48)
+
+    h14 = numpy_state(ref.MaskedAutoencoder(patch_size=14, img_size=28, num_frames=4, embed_dim=64, num_heads=4,
+                                            decoder_embed_dim=32, decoder_num_heads=4, pred_t_dim=2))
+    msg = _error(h14, conv.infer_model_config(h14), patch_size=16, img_size=32)
+    assert "patch_size=14, config says 16: set --config.model.patch_size=14" in msg
+
+    missing = {k: v for k, v in pretrain_sd.items() if k != "blocks.1.mlp.fc2.bias"}
+    assert "missing keys [blocks.1.mlp.fc2.bias]" in _error(missing, config)
+    extra = {**pretrain_sd, "blocks.0.attn.rel_pos_h": np.zeros((3, 4), np.float32)}
+    assert "unexpected keys [blocks.0.attn.rel_pos_h]" in _error(extra, config)
+    bad = {**pretrain_sd, "mask_token": np.zeros((1, 2, 512), np.float32)}
+    assert "mask_token (1, 2, 512)" in _error(bad, config)
+
+
+def test_cli_round_trip(tmp_path):
+    torch_model = ref.randomize(ref.MaskedAutoencoder(embed_dim=192, num_heads=3, decoder_embed_dim=128,
+                                                      decoder_num_heads=16), 5)
+    sd = numpy_state(torch_model)
+    pth = tmp_path / "mae.pth"
+    torch.save({"model": torch_model.state_dict(), "epoch": 9, "optimizer": {"state": {}}}, pth)
+    out = tmp_path / "ours"
+    conv.main(["from_torch", f"--input={pth}", f"--output={out}", "--config.model.attention_impl=xla"])
+    params, model_config = checkpoint.load_params(str(out))
+    expected_config = conv.infer_model_config(sd, attention_impl="xla")
+    assert model_config == expected_config and model_config["num_heads"] == 3
+    assert_trees_equal(params, conv.torch_to_params(sd, expected_config))
+
+    back = tmp_path / "back.pth"
+    conv.main(["from_torch", f"--input={out}", f"--output={back}", "--export"])
+    exported = torch.load(back, weights_only=True)["model"]
+    assert_state_dicts_equal({k: v.numpy() for k, v in exported.items()}, sd)
+
+
+def test_pretrain_file_loads_as_classifier(tmp_path, pretrain_sd):
+    path = tmp_path / "mae.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in pretrain_sd.items()}}, path)
+    model = conv.load_into_model(str(path), kind="classifier", num_classes=5, drop_path_rate=0.1)
+    assert isinstance(model, VideoClassifier) and model.head.kernel.shape == (768, 5)
+    assert not hasattr(model, "decoder_embed")
+    np.testing.assert_array_equal(np.asarray(model.blocks.mlp.fc1.kernel[1]),
+                                  pretrain_sd["blocks.1.mlp.fc1.weight"].T)
+    assert 0 < float(jnp.std(model.head.kernel[...])) < 1e-4  # fresh head, std 2e-5
+    mae = conv.load_into_model(str(path))
+    assert isinstance(mae, MaskedAutoencoder) and mae.pred_t_dim == 4
+
+
+def test_classifier_drop_path_and_dropout():
+    abstract = nnx.eval_shape(lambda: VideoClassifier(5, drop_path_rate=0.3, dropout_rate=0.5, img_size=32,
+                                                      num_frames=4, embed_dim=32, depth=4, num_heads=2,
+                                                      rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    rng = np.random.default_rng(0)  # random weights without compiling an initialiser
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state))
+    np.testing.assert_allclose(model.drop_path_rates, np.linspace(0, 0.3, 4))
+    video = jax.random.normal(jax.random.key(0), (4, 4, 32, 32, 3))
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda key, det: nnx.merge(graphdef, state)(video, key=key, deterministic=det), static_argnums=1)
+    base = run(jax.random.key(1), True)  # a key alone changes nothing
+    np.testing.assert_allclose(model(video), base, rtol=1e-5, atol=1e-6)  # eager, key=None
+    a, b = run(jax.random.key(1), False), run(jax.random.key(2), False)
+    np.testing.assert_array_equal(a, run(jax.random.key(1), False))
+    assert not np.allclose(a, base) and not np.allclose(a, b)
+    scales = np.asarray(model.drop_scales(jax.random.key(3), 20000))
+    assert np.all(scales[0] == 1.0)  # block 0 has rate 0
+    np.testing.assert_allclose(scales.mean(axis=(1, 2)), 1.0, atol=0.03)  # unbiased: keep-mask / keep
+    np.testing.assert_allclose((scales == 0).mean(axis=(1, 2)), np.linspace(0, 0.3, 4), atol=0.01)
+    with pytest.raises(ValueError, match="key"):
+        model(video, deterministic=False)
+    features = jax.jit(lambda v: nnx.merge(graphdef, state).features(v))(video)
+    assert features.shape == (4, 32)
+    np.testing.assert_allclose(model.head(features), base, rtol=1e-5, atol=1e-6)  # logits = head(features)

@@ -1,0 +1,128 @@
+"""Tests for the procedural synthetic video source (mae_st_jax.data.synthetic)."""
+
+import numpy as np
+import pytest
+
+from mae_st_jax.data.synthetic import CLASSES, SyntheticVideos, VideoInfo
+
+
+def _circular_centroid(mask: np.ndarray) -> np.ndarray:
+    """(x, y) centroid of a boolean [H, W] mask on a torus (shapes wrap around the borders)."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    out = []
+    for coords, n in ((xs, w), (ys, h)):
+        angle = np.angle(np.exp(2j * np.pi * (coords + 0.5) / n).mean())
+        out.append(np.mod(angle / (2 * np.pi) * n, n))
+    return np.array(out)
+
+
+def _wrap(d: np.ndarray, size) -> np.ndarray:
+    return np.mod(d + np.asarray(size) / 2, size) - np.asarray(size) / 2
+
+
+def test_shape_dtype_and_info():
+    ds = SyntheticVideos(10, num_classes=4, num_frames=32, height=48, width=40, fps=25.0, seed=3)
+    assert len(ds) == 10
+    x = ds.frames(2, np.arange(5))
+    assert x.shape == (5, 48, 40, 3) and x.dtype == np.uint8
+    assert ds.frames(2, np.array([], np.int64)).shape == (0, 48, 40, 3)
+    info = ds.info(2)
+    assert isinstance(info, VideoInfo)
+    assert (info.num_frames, info.fps, info.name) == (32, 25.0, "synthetic_000002")
+    assert 0 <= info.label < 4
+
+
+def test_determinism():
+    a = SyntheticVideos(8, seed=1, num_distractors=2)
+    b = SyntheticVideos(8, seed=1, num_distractors=2)
+    idx = np.arange(0, 64, 4)
+    assert a.frames(5, idx).tobytes() == b.frames(5, idx).tobytes()
+    assert a.frames(5, idx).tobytes() == a.frames(5, idx).tobytes()
+    assert not np.array_equal(a.frames(5, idx), a.frames(6, idx))
+    assert not np.array_equal(a.frames(5, idx), SyntheticVideos(8, seed=2, num_distractors=2).frames(5, idx))
+
+
+@pytest.mark.parametrize("distractors", [0, 2])
+def test_only_requested_frames(distractors):
+    ds = SyntheticVideos(4, num_classes=16, height=56, width=72, num_distractors=distractors)
+    for i in range(4):
+        full = ds.frames(i, np.arange(10))
+        np.testing.assert_array_equal(ds.frames(i, [3, 7]), full[[3, 7]])
+        np.testing.assert_array_equal(ds.frames(i, [7, 3, 3]), full[[7, 3, 3]])
+        np.testing.assert_array_equal(ds.frames(i, np.array([9], np.int32)), full[[9]])
+
+
+def test_labels_balanced_and_stable():
+    ds = SyntheticVideos(64, num_classes=8)
+    labels = np.array([ds.info(i).label for i in range(64)])
+    assert labels.min() >= 0 and labels.max() < 8
+    np.testing.assert_array_equal(np.bincount(labels, minlength=8), np.full(8, 8))
+    # a label depends on (seed, index) only, not on the size of the dataset
+    small = SyntheticVideos(10, num_classes=8)
+    assert [small.info(i).label for i in range(10)] == labels[:10].tolist()
+    assert labels.tolist() != [SyntheticVideos(64, num_classes=8, seed=1).info(i).label for i in range(64)]
+
+
+def test_class_table():
+    assert len(set(CLASSES)) == len(CLASSES) >= 16
+    right, left, down, up = (1, 0), (-1, 0), (0, 1), (0, -1)
+    assert CLASSES[:8] == (("square", right), ("disk", right), ("square", left), ("disk", left),
+                           ("square", down), ("disk", down), ("square", up), ("disk", up))
+    assert {kind for kind, _ in CLASSES[8:16]} == {"triangle", "ring"}
+
+
+def test_consecutive_frames_differ():
+    ds = SyntheticVideos(16, num_classes=16)
+    for i in range(16):
+        x = ds.frames(i, np.arange(0, 32, 2)).astype(np.int16)
+        changed = (np.abs(np.diff(x, axis=0)).max(-1) > 20).sum(axis=(1, 2))
+        assert changed.min() >= 10, (i, changed)
+
+
+def test_shape_moves_in_class_direction():
+    # 32 classes: videos 0..31 hold every class once (shapes x cardinal and diagonal directions)
+    ds = SyntheticVideos(32, num_classes=32, num_frames=256, seed=7)
+    h, w = ds.height, ds.width
+    seen = set()
+    for i in range(32):
+        label = ds.info(i).label
+        seen.add(label)
+        video = ds.frames(i, np.arange(256))
+        background = np.median(video, axis=0)  # the shape covers each pixel well under half of the time
+        assert np.abs(np.diff(background, axis=1)).max() <= 8  # smooth gradient background
+        assert np.abs(np.diff(background, axis=0)).max() <= 8
+        t = np.array([0, 2, 4, 6])
+        masks = np.abs(video[t] - background).max(-1) > 25
+        assert masks.sum(axis=(1, 2)).min() >= 0.01 * h * w  # the shape is visible in every frame
+        cents = np.array([_circular_centroid(m) for m in masks])
+        np.testing.assert_allclose(_wrap(cents - ds.centers(i, t), (w, h)), 0, atol=0.75)
+        step = _wrap(np.diff(cents, axis=0), (w, h)).mean(0)  # pixels per 2 frames
+        direction = np.array(CLASSES[label][1])
+        np.testing.assert_array_equal(np.sign(np.round(step, 1)), direction, err_msg=f"video {i} label {label}")
+        assert 1.5 < np.linalg.norm(step) < 6.0
+    assert seen == set(range(32))
+
+
+def test_errors():
+    with pytest.raises(ValueError):
+        SyntheticVideos(4, num_classes=1)
+    with pytest.raises(ValueError):
+        SyntheticVideos(4, num_classes=len(CLASSES) + 1)
+    with pytest.raises(ValueError):
+        SyntheticVideos(0)
+    with pytest.raises(ValueError):
+        SyntheticVideos(4, num_frames=0)
+    with pytest.raises(ValueError):
+        SyntheticVideos(4, fps=0.0)
+    with pytest.raises(ValueError):
+        SyntheticVideos(4, num_distractors=3)
+    ds = SyntheticVideos(4, num_frames=20)
+    for bad in (-1, 4):
+        with pytest.raises(IndexError, match="out of range"):
+            ds.frames(bad, np.arange(3))
+        with pytest.raises(IndexError):
+            ds.info(bad)
+    for bad in ([-1], [0, 20], np.array([0.0, 1.0]), np.zeros((2, 2), np.int64)):
+        with pytest.raises(ValueError):
+            ds.frames(0, bad)
