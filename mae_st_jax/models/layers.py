@@ -50,10 +50,10 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, patch_vectors: jax.Array) -> jax.Array:
         """[B, N, t*p*p*C] (from `patchify`) -> [B, N, dim]."""
-        kernel = self.proj.kernel.value
+        kernel = self.proj.kernel[...]
         kernel = kernel.reshape(-1, kernel.shape[-1]).astype(self.dtype)  # [t*p*p*C, dim]
         out = jnp.einsum("bnk,kd->bnd", patch_vectors.astype(self.dtype), kernel)
-        return out + self.proj.bias.value.astype(self.dtype)
+        return out + self.proj.bias[...].astype(self.dtype)
 
 
 class Attention(nnx.Module):

@@ -120,7 +120,7 @@ class VideoEncoder(nnx.Module):
             pos = jnp.take_along_axis(pos, ids_keep[..., None], axis=1)
         x = self.patch_embed(patches).astype(jnp.float32) + pos
         if self.cls_embed:
-            cls = jnp.broadcast_to(self.cls_token.value + cls_pos[None], (x.shape[0], 1, x.shape[-1]))
+            cls = jnp.broadcast_to(self.cls_token[...] + cls_pos[None], (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([cls.astype(jnp.float32), x], axis=1)
         return x
 
@@ -135,12 +135,12 @@ def _pos_tables(module, prefix: str, grid) -> tuple[jax.Array, jax.Array | None]
     """Position tables of the encoder (prefix '') or decoder (prefix 'decoder_')."""
     t, h, w = grid
     if module.sep_pos_embed:
-        spatial = getattr(module, prefix + "pos_embed_spatial").value[0]  # [H'W', E]
-        temporal = getattr(module, prefix + "pos_embed_temporal").value[0]  # [T', E]
+        spatial = getattr(module, prefix + "pos_embed_spatial")[0]  # [H'W', E]
+        temporal = getattr(module, prefix + "pos_embed_temporal")[0]  # [T', E]
         pos = (temporal[:, None, :] + spatial[None, :, :]).reshape(t * h * w, -1)  # token t*H'W' + s
-        cls_pos = getattr(module, prefix + "pos_embed_class").value[0] if module.cls_embed else None
+        cls_pos = getattr(module, prefix + "pos_embed_class")[0] if module.cls_embed else None
         return pos, cls_pos
-    table = getattr(module, prefix + "pos_embed").value[0]
+    table = getattr(module, prefix + "pos_embed")[0]
     if module.cls_embed:
         return table[1:], table[:1]
     return table, None
@@ -201,14 +201,14 @@ class MaskedAutoencoder(VideoEncoder):
         b = latent.shape[0]
         length = self.geometry.num_patches
         x = self.decoder_embed(latent).astype(jnp.float32)  # [B, K, D]
-        mask_tokens = jnp.broadcast_to(self.mask_token.value.astype(jnp.float32),
+        mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(jnp.float32),
                                        (b, length - x.shape[1], x.shape[-1]))
         x = jnp.concatenate([x, mask_tokens], axis=1)
         x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)  # unshuffle: [B, L, D]
         pos, cls_pos = _pos_tables(self, "decoder_", self.geometry.grid)
         x = x + pos[None]
         if self.cls_embed:
-            cls = self.decoder_cls_token.value + cls_pos[None]
+            cls = self.decoder_cls_token[...] + cls_pos[None]
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, x.shape[-1])).astype(jnp.float32), x], axis=1)
         x = layers.run_blocks(self.decoder_blocks, x, remat=self.remat, scan=self.scan_layers)
         x = self.decoder_pred(self.decoder_norm(x)).astype(jnp.float32)

@@ -65,8 +65,9 @@ def train(config, workdir: str) -> dict:
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=log.writer)
     hooks = [report]
     if config.profile_start_step >= 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.ProfileAllHosts(
-            logdir=workdir, first_profile=config.profile_start_step + 1, num_profile_steps=config.profile_num_steps))
+        hooks.append(periodic_actions.Profile(
+            logdir=workdir, first_profile=config.profile_start_step + 1, num_profile_steps=config.profile_num_steps,
+            profile_duration_ms=None, every_secs=None))
 
     last, t_last, step_last = {}, time.time(), start
     logging.info("Training steps %d..%d, %d clips per step", start + 1, total, config.batch_size)
@@ -90,6 +91,8 @@ def train(config, workdir: str) -> dict:
                 log.write(done, m)
                 last = m
             if done % config.checkpoint_every_steps == 0 or done == total:
+                if not bool(jax.device_get(metrics["finite"])):  # never save a non-finite state
+                    raise FloatingPointError(f"non-finite loss or gradient at step {done}; not saving it")
                 checkpoint.save_state(mgr, done, state)
     finally:
         mgr.wait_until_finished()

@@ -32,11 +32,27 @@ def create_state(model_fn, tx, mesh, config, params=None):
                                    config.fsdp_min_size)
     if params is None:
         state = jax.jit(init, out_shardings=shardings)()
-    else:
-        def init_with(p):
-            return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
-        state = jax.jit(init_with, out_shardings=shardings)(params)
+        return graphdef, state, shardings
+    check_params_match(params, abstract["params"])
+
+    def init_with(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+
+    state = jax.jit(init_with, out_shardings=shardings)(params)
     return graphdef, state, shardings
+
+
+def check_params_match(params, expected) -> None:
+    """Raise a ValueError naming every parameter whose presence or shape differs from the model's."""
+    flat = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(flat))]
+    problems += [f"unexpected {k}" for k in sorted(set(flat) - set(want))]
+    problems += [f"{k}: checkpoint {flat[k]} vs model {want[k]}" for k in sorted(set(flat) & set(want))
+                 if tuple(flat[k]) != tuple(want[k])]
+    if problems:
+        raise ValueError("config.init_from does not fit config.model (check sizes, patch, frames, "
+                         "cls_embed, sep_pos_embed): " + "; ".join(problems[:12]))
 
 
 def abstract_with_shardings(state, shardings):
@@ -74,7 +90,7 @@ def make_pretrain_step(graphdef, tx, schedule, mesh, config, state_shardings):
             (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
                                             (videos, jnp.arange(n)))
             loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": step_no + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step_no),

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtualenv with mae_st_jax and everything its tests need.
+# Usage: source-free: `bash launch/setup_env.sh [VENV_DIR]` ; prints the venv's python path last.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-${VENV:-$ROOT/.venv}}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV" >&2
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+fi
+if ! "$VENV/bin/python" -c "import mae_st_jax, torch, pytest" 2>/dev/null \
+   || [ "$ROOT/setup.py" -nt "$VENV/.mae_st_jax_installed" ]; then
+  # torch: a CPU build for the checkpoint importer and its tests (see README)
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" >&2
+  touch "$VENV/.mae_st_jax_installed"
+fi
+echo "$VENV/bin/python"
