@@ -5,7 +5,7 @@ a dataset (k400, k600, k700, ssv2, synthetic). Numbers from REFERENCE.md (mae_st
 """
 
 from mae_st_jax import config_lib
-from mae_st_jax.models.mae import model_kwargs
+from mae_st_jax.models.mae import ALIASES, model_kwargs
 
 DATASETS = {  # videos in the training list (used for epochs -> steps)
     "k400": dict(num_videos=240_436, num_classes=400),
@@ -41,7 +41,9 @@ def get_config(arg: str = "vit_l,k400"):
     c.num_epochs = 400
     c.warmup_epochs = 5.0
     c.optim.update(blr=1.6e-3, min_lr=0.0, b1=0.9, b2=0.95, weight_decay=0.05, clip_grad=0.02)
-    if sizes[0] in ("vit_l", "vit_h", "vit_h14"):
+    if ALIASES.get(sizes[0], sizes[0]) in ("l16", "h16", "h14", "vit_h14"):
+        # on accelerators: bf16 compute (params and optimizer state stay fp32; the reference
+        # trains in fp32: --config.model.dtype=float32 for that), FSDP and remat
         c.param_sharding = "fsdp"
         c.model.update(dtype="bfloat16", remat="dots_no_batch")
     return c
