@@ -23,9 +23,12 @@ def create_state(model_fn, tx, mesh, config, params=None):
     abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(params=config.seed)))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
 
+    def init_with(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
+                "nonfinite_steps": jnp.zeros((), jnp.int32)}
+
     def init():
-        p = nnx.split(model_fn(nnx.Rngs(params=config.seed)), nnx.Param)[1].to_pure_dict()
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+        return init_with(nnx.split(model_fn(nnx.Rngs(params=config.seed)), nnx.Param)[1].to_pure_dict())
 
     abstract = jax.eval_shape(init)
     shardings = shd.tree_shardings(abstract, mesh, config.param_sharding, config.sharding_rules,
@@ -34,10 +37,6 @@ def create_state(model_fn, tx, mesh, config, params=None):
         state = jax.jit(init, out_shardings=shardings)()
         return graphdef, state, shardings
     check_params_match(params, abstract["params"])
-
-    def init_with(p):
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
-
     state = jax.jit(init_with, out_shardings=shardings)(params)
     return graphdef, state, shardings
 
@@ -59,11 +58,46 @@ def abstract_with_shardings(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def accumulate_gradients(loss_fn, params, micro_batches, key):
+    """Mean loss and gradients of loss_fn(params, micro_batch, key) over the leading [A] axis of
+    every array in `micro_batches`; micro-batch i gets fold_in(key, i)."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    n = jax.tree.leaves(micro_batches)[0].shape[0]
+    if n == 1:
+        return grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), jax.random.fold_in(key, 0))
+
+    def micro(carry, xs):
+        batch, i = xs
+        loss, grads = grad_fn(params, batch, jax.random.fold_in(key, i))
+        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(n)))
+    return loss / n, jax.tree.map(lambda g: g / n, grads)
+
+
+def apply_gradients(state, loss, grads, tx, schedule, skip_nonfinite: bool):
+    """(new state, metrics) after one AdamW update; a non-finite loss or gradient leaves the state
+    unchanged (and is counted) when `skip_nonfinite`, else the loop stops on `finite`."""
+    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    if skip_nonfinite:
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                           {"params": state["params"], "opt_state": state["opt_state"]})
+    skipped = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+    new.update(step=state["step"] + 1, nonfinite_steps=skipped)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
+               "nonfinite_steps": skipped}
+    return new, metrics
+
+
 def make_pretrain_step(graphdef, tx, schedule, mesh, config, state_shardings):
     """jit(step)(state, batch) -> (state, metrics); batch['video'] is uint8 [A, B/A, T, H, W, C]."""
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
-    seed = config.seed
+    seed, nan_step = config.seed, config.debug.inject_nan_at_step
 
     def loss_fn(params, video, key):
         model = nnx.merge(graphdef, params)
@@ -72,30 +106,12 @@ def make_pretrain_step(graphdef, tx, schedule, mesh, config, state_shardings):
         return loss
 
     def step(state, batch):
-        params, step_no = state["params"], state["step"]
-        key = jax.random.fold_in(jax.random.key(seed), step_no)
-        videos = batch["video"]
-        grad_fn = jax.value_and_grad(loss_fn)
-        if videos.shape[0] == 1:
-            loss, grads = grad_fn(params, videos[0], jax.random.fold_in(key, 0))
-        else:
-            def micro(carry, xs):
-                loss_sum, grad_sum = carry
-                video, i = xs
-                l, g = grad_fn(params, video, jax.random.fold_in(key, i))
-                return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            n = videos.shape[0]
-            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
-                                            (videos, jnp.arange(n)))
-            loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
-        grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": step_no + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step_no),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-        return new_state, metrics
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        loss, grads = accumulate_gradients(loss_fn, state["params"], batch["video"], key)
+        if nan_step >= 0:  # fault injection for tests: a NaN loss and gradient at one step
+            poison = jnp.where(state["step"] == nan_step, jnp.nan, 0.0)
+            loss, grads = loss + poison, jax.tree.map(lambda g: g + poison, grads)
+        return apply_gradients(state, loss, grads, tx, schedule, config.skip_nonfinite)
 
     batch_sh = {"video": shd.batch_sharding(mesh, 6)}
     return jax.jit(step, in_shardings=(state_shardings, batch_sh),

@@ -1,0 +1,178 @@
+"""Fault injection: kill -9 and resume, SIGTERM, NaN steps, corrupt checkpoints, bad workdirs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mae_st_jax.train import checkpoint, loop, pretrain
+from mae_st_jax.train.logging import read_metrics
+
+from conftest import ROOT
+
+# the tiny model of tests/conftest.py as command-line overrides of configs/demo.py
+TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+        "--config.model.img_size=32", "--config.model.patch_size=8", "--config.model.num_frames=4",
+        "--config.model.decoder_embed_dim=32", "--config.model.decoder_depth=1",
+        "--config.model.decoder_num_heads=2", "--config.model.pred_t_dim=2", "--config.data.num_videos=64",
+        "--config.data.video_frames=16", "--config.data.num_workers=1", "--config.batch_size=8",
+        "--config.warmup_steps=2", "--config.schedule_steps=40", "--config.log_every_steps=1",
+        "--config.write_reconstruction=False"]
+
+
+def _main(workdir, *extra):
+    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")  # one CPU device per process
+    return subprocess.Popen([sys.executable, "-m", "mae_st_jax.main", "--config=configs/demo.py",
+                             f"--workdir={workdir}", *TINY, *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(workdir) -> dict:
+    return {m["step"]: m["loss"] for m in read_metrics(str(workdir))}
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path) and any(m["step"] >= step for m in read_metrics(str(workdir))):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached in {workdir}")
+
+
+def test_kill_9_at_random_points_then_resume_is_bit_identical(tmp_path):
+    total = ["--config.total_steps=10", "--config.checkpoint_every_steps=2"]
+    straight = _main(tmp_path / "straight", *total)
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+    expected = _losses(tmp_path / "straight")
+    assert sorted(expected) == list(range(1, 11))
+
+    work = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = []
+    for _ in range(3):
+        proc = _main(work, *total)
+        first = max(_losses(work), default=0) + 1 if (work / "metrics.jsonl").exists() else 1
+        target = min(first + rng.randint(0, 2), 9)
+        _wait_for_step(str(work), target, proc)
+        time.sleep(rng.uniform(0.0, 0.3))  # anywhere: mid-step, mid-async-save, mid-log
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        kills.append(max(_losses(work)))
+    final = _main(work, *total)
+    out = final.stdout.read()
+    assert final.wait(timeout=600) == 0, out
+    assert "Resuming from checkpoint step" in out
+    got = _losses(work)
+    assert sorted(got) == list(range(1, 11)), (kills, got)
+    assert got == expected  # every logged loss bit-identical to the uninterrupted run
+    leftovers = [d for d in os.listdir(work / "checkpoints") if "tmp" in d]
+    assert not leftovers, leftovers  # partial saves were cleaned up
+
+
+def test_sigterm_saves_commits_and_exits_zero(tmp_path):
+    proc = _main(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every_steps=100000")
+    assert _wait_for_step(str(tmp_path), 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out
+    assert "Stopped for preemption after step" in out
+    mgr = checkpoint.manager(str(tmp_path), async_save=False)
+    step = mgr.latest_step()
+    mgr.close()
+    assert step is not None and 2 <= step < 100000
+    assert max(_losses(tmp_path)) >= step - 0  # logged up to (at least) the saved step
+
+
+def test_injected_nan_stops_by_default_naming_the_step(tiny_config, tmp_path):
+    tiny_config.debug.inject_nan_at_step = 2  # the third step (0-based counter)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        pretrain.train(tiny_config, str(tmp_path))
+    mgr = checkpoint.manager(str(tmp_path), async_save=False)
+    assert mgr.all_steps() == [2]  # the non-finite state after step 3 was never saved
+    mgr.close()
+
+
+def test_injected_nan_is_skipped_and_counted(tiny_config, tmp_path):
+    tiny_config.debug.inject_nan_at_step = 2
+    tiny_config.skip_nonfinite = True
+    outcome = pretrain.run(tiny_config, str(tmp_path))
+    logged = read_metrics(str(tmp_path))
+    assert [m["nonfinite_steps"] for m in logged] == [0, 0, 1, 1]
+    assert not np.isfinite(logged[2]["loss"])
+    assert np.all(np.isfinite(logged[3]["loss"]))
+    assert int(outcome.state["nonfinite_steps"]) == 1
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(outcome.state["params"]))
+
+
+def _corrupt(step_dir):
+    """Truncate every data file of a committed checkpoint to a few bytes."""
+    hit = 0
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(16)
+                hit += 1
+    assert hit > 0
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, caplog):
+    tiny_config.total_steps = 6
+    pretrain.train(tiny_config, str(tmp_path / "straight"))
+    expected = _losses(tmp_path / "straight")
+    work = tmp_path / "work"
+    tiny_config.total_steps = 4
+    pretrain.train(tiny_config, str(work))  # checkpoints 2 and 4
+    _corrupt(work / "checkpoints" / "4")
+    tiny_config.total_steps = 6
+    with caplog.at_level("INFO"):
+        pretrain.train(tiny_config, str(work))  # warns about 4, resumes from 2
+    assert "Checkpoint step 4" in caplog.text and "cannot be restored" in caplog.text
+    assert "Resuming from checkpoint step 2" in caplog.text
+    got = _losses(work)
+    assert [got[s] for s in (3, 4, 5, 6)] == [expected[s] for s in (3, 4, 5, 6)]
+
+
+def test_unwritable_workdir_fails_at_start_naming_it(tiny_config, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="a_file.*not writable"):
+        pretrain.train(tiny_config, str(blocker / "run"))
+
+
+def test_full_disk_fails_at_start(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: type("U", (), {"free": 1024})())
+    with pytest.raises(OSError, match="GiB free"):
+        pretrain.train(tiny_config, str(tmp_path))
+
+
+def test_failing_checkpoint_write_stops_and_keeps_the_last_good_one(tiny_config, tmp_path, monkeypatch):
+    real_save = checkpoint.save_state
+
+    def flaky(mgr, step, state, force=False):
+        if step >= 4:
+            raise OSError(28, "No space left on device")
+        return real_save(mgr, step, state, force=force)
+
+    monkeypatch.setattr(checkpoint, "save_state", flaky)
+    tiny_config.total_steps = 6
+    with pytest.raises(OSError, match="No space"):
+        pretrain.train(tiny_config, str(tmp_path))
+    monkeypatch.setattr(checkpoint, "save_state", real_save)
+    mgr = checkpoint.manager(str(tmp_path), async_save=False)
+    assert mgr.all_steps() == [2]
+    mgr.close()
+    pretrain.train(tiny_config, str(tmp_path))  # resumes from the good checkpoint and finishes
+    assert max(_losses(tmp_path)) == 6
