@@ -23,6 +23,8 @@ setup(
         "tensorboard",
         "pillow",
         "av",
+        "opencv-python-headless>=4.10",  # JPEG decode and bilinear resize in the input pipeline
+        "tensorflow-datasets",  # config.data.source='tfds'
     ],
     extras_require={
         "convert": ["torch==2.13.0"],

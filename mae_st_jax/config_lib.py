@@ -8,7 +8,7 @@ from mae_st_jax import masking
 from mae_st_jax.models import layers
 from mae_st_jax.models.mae import model_kwargs, target_frame_indices
 
-MODES = ("pretrain",)
+MODES = ("pretrain", "finetune")
 SOURCES = ("synthetic", "tfrecord", "videos", "tfds")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,9 +37,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", path="",
         num_videos=4096, num_classes=8, video_frames=96, video_fps=30.0,  # synthetic source
+        num_eval_videos=256,  # fine-tuning: held-out videos for validation (synthetic: indices after num_videos)
         sampling_rate=4, target_fps=30.0, repeat_aug=4, flip=True,
         mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
         num_workers=4, prefetch=2,
+        # real sources (data/sources.py): tfrecord path = glob of shards, videos path = list file,
+        # tfds path = dataset name or directory (split, data_dir, video_key, label_key below)
+        split="train", data_dir="", video_key="video", label_key="label",
+        crop="auto",  # auto: random_resized for real sources, none (flip only) for synthetic
+        crop_area=(0.5, 1.0), crop_aspect=(0.75, 1.3333),  # RandomResizedCrop area fraction, aspect (w/h)
     ))
 
     c.batch_size = 512  # global clips per optimizer step (repeat_aug clips per video included)
@@ -55,10 +61,23 @@ def base_config() -> ml_collections.ConfigDict:
         clip_grad=0.02, decay_tokens=True, lr_counts_repeat_aug=False,
     ))
 
+    # fine-tuning (mode "finetune"; REFERENCE.md's ViT-L recipe; unused in pre-training)
+    c.finetune = ml_collections.ConfigDict(dict(
+        drop_path_rate=0.1, dropout_rate=0.3, head_init_std=2e-5, layer_decay=0.75,
+        mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, switch_prob=0.5, label_smoothing=0.1,
+        interpolate_pos_embed=True,  # resize init_from's pos-embeds when the token grid differs
+    ))
+    c.eval_every_steps = 0  # fine-tuning: validate every N steps (0: only after the last step)
+    c.eval_batch_size = 0  # 0: the training micro-batch size
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.param_sharding = "replicate"  # or "fsdp"
     c.sharding_rules = ()  # extra (regex, "replicate" | "fsdp") rules, tried first
     c.fsdp_min_size = 2 ** 12  # arrays with fewer elements stay replicated under fsdp
+
+    c.skip_nonfinite = False  # True: skip (and count) updates with a NaN/Inf loss or gradient
+    c.data.max_skip_fraction = 0.1  # stop when more clips than this came from unreadable videos
+    c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1))  # fault injection for tests
 
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
@@ -92,6 +111,10 @@ def warmup_steps(config) -> int:
     if config.warmup_steps >= 0:
         return int(config.warmup_steps)
     return int(round(config.warmup_epochs * steps_per_epoch(config)))
+
+
+def eval_batch_size(config) -> int:
+    return int(config.eval_batch_size) or config.batch_size // config.grad_accum_steps
 
 
 def validate(config, num_devices: int, process_count: int = 1) -> None:
@@ -139,6 +162,14 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
 
     if d.source not in SOURCES:
         fail(f"config.data.source={d.source!r}: choose one of {SOURCES}")
+    if d.source != "synthetic" and not d.path:
+        fail(f"config.data.source={d.source!r} needs config.data.path (tfrecord: a glob of shards, videos: a "
+             f"list file, tfds: a dataset name or directory)")
+    if d.crop not in ("auto", "random_resized", "none"):
+        fail(f"config.data.crop={d.crop!r}: choose 'auto', 'random_resized' or 'none'")
+    if not (0 < d.crop_area[0] <= d.crop_area[1] <= 1 and 0 < d.crop_aspect[0] <= d.crop_aspect[1]):
+        fail(f"config.data.crop_area={tuple(d.crop_area)} needs 0 < lo <= hi <= 1 and config.data.crop_aspect="
+             f"{tuple(d.crop_aspect)} 0 < lo <= hi")
     if d.repeat_aug < 1:
         fail(f"config.data.repeat_aug={d.repeat_aug} must be >= 1")
     if d.sampling_rate < 1:
@@ -181,6 +212,38 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         fail("config.optim.min_lr, weight_decay and clip_grad must be >= 0")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
         fail(f"config.optim.b1={o.b1} and b2={o.b2} must be in [0, 1)")
+    if not 0.0 <= d.max_skip_fraction <= 1.0:
+        fail(f"config.data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[field] < 1:
             fail(f"config.{field}={config[field]} must be >= 1")
+    if config.mode == "finetune":
+        validate_finetune(config, num_devices, process_count)
+
+
+def validate_finetune(config, num_devices: int, process_count: int = 1) -> None:
+    """The fine-tuning fields (mode 'finetune'); raise ConfigError naming the first bad one."""
+    f, d = config.finetune, config.data
+    if d.num_classes < 2:
+        raise ConfigError(f"config.data.num_classes={d.num_classes} must be >= 2")
+    for field in ("drop_path_rate", "dropout_rate", "label_smoothing"):
+        if not 0.0 <= f[field] < 1.0:
+            raise ConfigError(f"config.finetune.{field}={f[field]} must be in [0, 1)")
+    for field in ("mixup_prob", "switch_prob"):
+        if not 0.0 <= f[field] <= 1.0:
+            raise ConfigError(f"config.finetune.{field}={f[field]} must be in [0, 1]")
+    for field in ("mixup_alpha", "cutmix_alpha", "head_init_std"):
+        if f[field] < 0:
+            raise ConfigError(f"config.finetune.{field}={f[field]} must be >= 0")
+    if not 0.0 < f.layer_decay <= 1.0:
+        raise ConfigError(f"config.finetune.layer_decay={f.layer_decay} must be in (0, 1] (1: no layer decay)")
+    if config.eval_every_steps < 0 or d.num_eval_videos < 0:
+        raise ConfigError(f"config.eval_every_steps={config.eval_every_steps} and config.data.num_eval_videos="
+                          f"{d.num_eval_videos} must be >= 0")
+    batch = eval_batch_size(config)
+    if batch < 1 or batch % num_devices or batch % process_count:
+        raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} (gives {batch}) must be a positive "
+                          f"multiple of the {num_devices} devices and {process_count} processes")
+    if d.source == "synthetic" and d.flip:
+        raise ConfigError("config.data.flip=True mirrors left/right motion, which is the synthetic videos' class: "
+                          "set config.data.flip=False to fine-tune on them")

@@ -38,6 +38,9 @@ def main(argv):
     if config.mode == "pretrain":
         from mae_st_jax.train import pretrain
         pretrain.train(config, FLAGS.workdir)
+    elif config.mode == "finetune":
+        from mae_st_jax.train import finetune
+        finetune.train(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from mae_st_jax.data import sampling
+from mae_st_jax.data import augment, sampling
 from mae_st_jax.models import layers
 
 
@@ -52,11 +52,12 @@ def reconstruction_figure(config, graphdef, params, source, path: str, indices=(
     from mae_st_jax.train.step import normalize
     model = nnx.merge(graphdef, params)
     rows = []
-    for i, index in enumerate(indices):
+    for i, index in enumerate(i for i in indices if i < len(source)):
         info = source.info(index)
         idx = sampling.test_clip(0, 1, info.num_frames, config.model.num_frames, config.data.sampling_rate,
                                  info.fps, config.data.target_fps)
-        video = normalize(jnp.asarray(source.frames(index, idx))[None], config.data.mean, config.data.std)
+        frames = augment.center_crop(source.frames(index, idx), config.model.img_size)  # real videos: any size
+        video = normalize(jnp.asarray(frames)[None], config.data.mean, config.data.std)
         noise = model.make_noise(jax.random.fold_in(jax.random.key(seed), i), 1)
         masked, recon, original, _ = reconstruct(model, video, noise, mask_ratio)
         rows += [np.asarray(original[0]), np.asarray(masked[0]), np.asarray(recon[0])]

@@ -5,27 +5,41 @@ video `order[s * videos_per_step + g // repeat_aug]` (a seeded permutation per e
 its own clip (temporal start, flip) from a generator seeded by (seed, step, slot). A host
 reads only the slots of its own column block, so a resumed or multi-host run sees exactly the
 clips one uninterrupted single-host run would have.
+
+Sources that hold only this host's shards (`source.host_local`, e.g. tfrecord) instead map the
+host's slots to positions in a per-host permutation seeded by (seed, process_index, epoch): still
+a pure function of (seed, process_index, step). Real sources decode the repeat_aug clips of a
+video in one call and get a random resized crop (augment.py) per clip. A video that cannot be
+read is replaced by the next one in the order (at most MAX_SKIPS in a row) and counted in the
+batch's `skipped`.
 """
 
 import concurrent.futures
+import functools
+import math
 import queue
 import threading
 
 import jax
 import numpy as np
+from absl import logging
 
 from mae_st_jax.data import sampling
+from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.data.synthetic import SyntheticVideos
 
+MAX_SKIPS = 16  # unreadable videos in a row before a batch gives up
 
-def make_source(config):
-    """The video source named by config.data.source."""
+
+def make_source(config, process_index: int | None = None, process_count: int | None = None):
+    """The video source named by config.data.source (real sources: this process's share)."""
     d, m = config.data, config.model
     if d.source == "synthetic":
         return SyntheticVideos(num_videos=d.num_videos, num_classes=d.num_classes, num_frames=d.video_frames,
                                height=m.img_size, width=m.img_size, fps=d.video_fps, seed=config.seed)
-    raise NotImplementedError(f"config.data.source={d.source!r} is not built yet: only 'synthetic' works in this "
-                              f"version (real video sources are the next milestone)")
+    from mae_st_jax.data import sources
+    return sources.make_real_source(config, jax.process_index() if process_index is None else process_index,
+                                    jax.process_count() if process_count is None else process_count)
 
 
 class ClipLoader:
@@ -37,39 +51,109 @@ class ClipLoader:
         self.num_frames, self.sampling_rate = config.model.num_frames, config.data.sampling_rate
         self.target_fps = config.data.target_fps
         self.flip = config.data.flip and train
+        self.real = hasattr(source, "host_local")  # sources.py sources; synthetic keeps its own path
+        self.host_local = bool(getattr(source, "host_local", False))
+        self.process_index = process_index
+        crop = config.data.get("crop", "auto")
+        self.crop = ("random_resized" if self.real else "none") if crop == "auto" else crop
+        self.crop_area = tuple(config.data.get("crop_area", (0.5, 1.0)))
+        self.crop_aspect = tuple(config.data.get("crop_aspect", (0.75, 4 / 3)))
+        self.img_size = config.model.img_size
         self.repeat_aug = config.data.repeat_aug
         self.accum = config.grad_accum_steps
         self.micro = config.batch_size // self.accum
         self.videos_per_step = config.batch_size // self.repeat_aug
         per_host = self.micro // process_count
         self.columns = np.arange(process_index * per_host, (process_index + 1) * per_host)
+        self.per_host = per_host
+        self.host_videos_per_step = math.ceil(self.accum * per_host / self.repeat_aug)
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_workers))
-        self._orders: dict[int, np.ndarray] = {}
+        self._order = functools.lru_cache(maxsize=4)(self._make_order)
+        self.skipped_total = 0  # clips replaced because their video could not be read
+        self._warned: set[int] = set()  # videos already named in a warning
+
+    def _make_order(self, epoch: int) -> np.ndarray:
+        key = [self.seed, 4, self.process_index, epoch] if self.host_local else [self.seed, 1, epoch]
+        return np.random.default_rng(key).permutation(len(self.source))
 
     def _video_index(self, position: int) -> int:
-        n = len(self.source)
-        epoch, offset = divmod(position, n)
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, 1, epoch]).permutation(n)}
-        return int(self._orders[epoch][offset])
+        epoch, offset = divmod(position, len(self.source))
+        return int(self._order(epoch)[offset])
+
+    def _position(self, step: int, slot: int) -> int:
+        """Place of slot's video in the (global or per-host) order."""
+        if not self.host_local:
+            return step * self.videos_per_step + slot // self.repeat_aug
+        local = (slot // self.micro) * self.per_host + (slot % self.micro - int(self.columns[0]))
+        return step * self.host_videos_per_step + local // self.repeat_aug
 
     def _clip(self, step: int, slot: int):
-        video = self._video_index(step * self.videos_per_step + slot // self.repeat_aug)
+        video = self._video_index(self._position(step, slot))
         info = self.source.info(video)
         rng = np.random.default_rng([self.seed, 2, step, slot])
         idx = sampling.train_clip(rng, info.num_frames, self.num_frames, self.sampling_rate, info.fps,
                                   self.target_fps)
         frames = self.source.frames(video, idx)
+        return self._augment(rng, frames), info.label
+
+    def _augment(self, rng: np.random.Generator, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if self.crop == "random_resized" and self.train:
+            from mae_st_jax.data import augment
+            return augment.random_resized_crop(rng, frames, self.img_size, self.crop_area, self.crop_aspect,
+                                               self.flip, out)
+        if self.real:
+            from mae_st_jax.data import augment
+            frames = augment.center_crop(frames, self.img_size)
         if self.flip and rng.random() < 0.5:
             frames = frames[:, :, ::-1]
-        return frames, info.label
+        if out is not None:
+            out[...] = frames
+            return out
+        return frames
+
+    def _group(self, step: int, position: int, slots: list[int], outs: list[np.ndarray]):
+        """(labels of the slots of one video, clips skipped), their clips written into `outs`: one read
+        for all its clips, the next video in the order in place of one that cannot be read."""
+        for attempt in range(MAX_SKIPS):
+            video = self._video_index(position + attempt)
+            try:
+                info = self.source.info(video)
+                rngs = [np.random.default_rng([self.seed, 2, step, s]) for s in slots]
+                idx = [sampling.train_clip(r, info.num_frames, self.num_frames, self.sampling_rate, info.fps,
+                                           self.target_fps) for r in rngs]
+                frames = self.source.frames(video, np.concatenate(idx))
+            except BadVideo as e:
+                if video not in self._warned:
+                    self._warned.add(video)
+                    logging.warning("Skipping unreadable video %d (first at step %d): %s", video, step, e)
+                continue
+            for r, f, out in zip(rngs, np.split(frames, len(slots)), outs):
+                self._augment(r, f, out)
+            return [info.label] * len(slots), attempt * len(slots)
+        raise RuntimeError(f"step {step}: {MAX_SKIPS} videos in a row could not be read (the last: video {video}, "
+                           f"see the warnings above); check the files at config.data.path")
 
     def batch(self, step: int) -> dict:
         slots = [a * self.micro + c for a in range(self.accum) for c in self.columns]
-        clips = list(self._pool.map(lambda s: self._clip(step, s), slots))
-        video = np.stack([c[0] for c in clips]).reshape(self.accum, len(self.columns), *clips[0][0].shape)
-        label = np.asarray([c[1] for c in clips], np.int32).reshape(self.accum, len(self.columns))
-        return {"video": video, "label": label}
+        skipped = 0
+        if self.real:  # clips written straight into the batch, the clips of one video read together
+            video = np.empty((len(slots), self.num_frames, self.img_size, self.img_size, 3), np.uint8)
+            row = {s: k for k, s in enumerate(slots)}
+            groups: dict[int, list[int]] = {}
+            for s in slots:
+                groups.setdefault(self._position(step, s), []).append(s)
+            done = list(self._pool.map(lambda g: self._group(step, *g, [video[row[s]] for s in g[1]]),
+                                       groups.items()))
+            labels = [label for group, _ in done for label in group]
+            skipped = sum(n for _, n in done)
+            self.skipped_total += skipped
+        else:
+            clips = list(self._pool.map(lambda s: self._clip(step, s), slots))
+            video = np.stack([c[0] for c in clips])
+            labels = [c[1] for c in clips]
+        video = video.reshape(self.accum, len(self.columns), *video.shape[1:])
+        label = np.asarray(labels, np.int32).reshape(self.accum, len(self.columns))
+        return {"video": video, "label": label, "skipped": np.int64(skipped)}
 
     def iterate(self, start_step: int, prefetch: int = 2):
         """Yield (step, host batch) from start_step on, `prefetch` batches ahead in a thread."""

@@ -1,0 +1,86 @@
+"""Shared benchmark helpers (no TensorFlow): configs from flags, the FLOP model, timing, peaks."""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from mae_st_jax import config_lib
+from mae_st_jax.models.mae import model_kwargs
+from mae_st_jax.train import optim, sharding as shd, step as step_lib
+from mae_st_jax.train.pretrain import build_model
+
+# dense bf16 peak TFLOP/s per chip (REFERENCE.md); match on jax's device_kind
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+               "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def make_config(size: str, frames: int, img: int, batch: int, mask_ratio: float, dtype: str,
+                remat: str = "none", attention_impl: str = "", fsdp: int = 1):
+    c = config_lib.base_config()
+    c.model.update(model_kwargs(size), num_frames=frames, img_size=img, pred_t_dim=frames // 2,
+                   mask_ratio=mask_ratio, dtype=dtype, remat=remat, attention_impl=attention_impl)
+    c.batch_size = batch
+    c.total_steps = 1000
+    c.warmup_steps = 10
+    c.mesh.update(data=-1, fsdp=fsdp)
+    c.param_sharding = "fsdp" if fsdp > 1 else "replicate"
+    return c
+
+
+def block_macs(n: int, d: int, mlp_ratio: float = 4.0) -> float:
+    """Multiply-adds of one ViT block on n tokens of width d (qkv + proj 4nd^2, mlp 2*r*nd^2, attention 2n^2d)."""
+    return (4 + 2 * mlp_ratio) * n * d * d + 2 * n * n * d
+
+
+def train_flops_per_clip(m, num_visible: int) -> float:
+    """~6x the forward multiply-adds (2 forward + 4 backward FLOPs per MAC), REFERENCE.md's model."""
+    t, p = m.t_patch_size, m.patch_size
+    grid = (m.num_frames // t) * (m.img_size // p) ** 2
+    cls = int(m.cls_embed)
+    e, d = m.embed_dim, m.decoder_embed_dim
+    u = t * m.pred_t_dim // m.num_frames
+    macs = num_visible * 3 * t * p * p * e  # patch embed on the visible patches
+    macs += m.depth * block_macs(num_visible + cls, e, m.mlp_ratio)
+    macs += num_visible * e * d  # decoder_embed
+    macs += m.decoder_depth * block_macs(grid + cls, d, m.mlp_ratio)
+    macs += grid * d * u * p * p * 3  # prediction head
+    return 6.0 * macs
+
+
+def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed: int = 0):
+    """Median seconds per step over `repeats` timings of `steps` steps each (after compile + warmup)."""
+    mesh = shd.make_mesh(config.mesh)
+    tx, schedule = optim.make_optimizer(config, config_lib.schedule_steps(config), config.warmup_steps)
+    graphdef, state, state_sh = step_lib.create_state(lambda r: build_model(config, r), tx, mesh, config)
+    train_step = step_lib.make_pretrain_step(graphdef, tx, schedule, mesh, config, state_sh)
+    m = config.model
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, 256, (1, config.batch_size, m.num_frames, m.img_size, m.img_size, 3), np.uint8)
+    batch = {"video": jax.device_put(video, shd.batch_sharding(mesh, 6))}
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times), compile_s, memory
+
+
+def peak_tflops(given: float) -> float | None:
+    if given > 0:
+        return given
+    kind = jax.devices()[0].device_kind
+    for name, value in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return value * jax.device_count()
+    return None

@@ -1,0 +1,50 @@
+"""Median pre-training step time, clips/s, train TFLOPs per clip and MFU on synthetic batches.
+
+python benchmarks/train_step.py --size=vit_l --frames=16 --img=224 --batch=32 --dtype=bfloat16
+Imports no TensorFlow: runs on a bare accelerator box with jax/flax/optax/orbax.
+"""
+
+import argparse
+import json
+
+import jax
+
+from mae_st_jax import masking
+from benchmarks import common
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", default="vit_b")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--img", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--mask_ratio", type=float, default=0.9)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("--attention_impl", default="")
+    ap.add_argument("--fsdp", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak x devices; 0 = known table")
+    a = ap.parse_args()
+    c = common.make_config(a.size, a.frames, a.img, a.batch, a.mask_ratio, a.dtype, a.remat, a.attention_impl,
+                           a.fsdp)
+    m = c.model
+    grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
+    visible = masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
+    step_s, compile_s, memory = common.time_steps(c, a.steps, repeats=a.repeats)
+    flops = common.train_flops_per_clip(m, visible)
+    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), **vars(a),
+              "median_step_s": step_s, "clips_per_s": a.batch / step_s, "train_tflop_per_clip": flops / 1e12,
+              "achieved_tflops": flops * a.batch / step_s / 1e12, "compile_s": compile_s}
+    peak = common.peak_tflops(a.peak_tflops)
+    if peak:
+        result["mfu"] = result["achieved_tflops"] / peak
+    if memory is not None:
+        result["temp_bytes"] = getattr(memory, "temp_size_in_bytes", None)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""The exception a source raises for one unreadable video (the loader skips it and counts it)."""
+
+
+class BadVideo(Exception):
+    """One video that cannot be read or decoded; the message says which and why."""

@@ -1,0 +1,75 @@
+"""Held-out validation videos for fine-tuning: one clip per video (fixed jitter), padded global batches."""
+
+import concurrent.futures
+
+import numpy as np
+
+from mae_st_jax.data import sampling
+from mae_st_jax.data.synthetic import SyntheticVideos
+
+
+class HeldOut:
+    """Videos [start, start + count) of `source`, re-indexed from 0."""
+
+    def __init__(self, source, start: int, count: int):
+        if start < 0 or count < 1 or start + count > len(source):
+            raise ValueError(f"held-out range [{start}, {start + count}) does not fit a source of {len(source)}")
+        self.source, self.start, self.count = source, start, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _index(self, index: int) -> int:
+        if not 0 <= index < self.count:
+            raise IndexError(f"video index {index} out of range [0, {self.count})")
+        return self.start + int(index)
+
+    def info(self, index: int):
+        return self.source.info(self._index(index))
+
+    def frames(self, index: int, frame_indices) -> np.ndarray:
+        return self.source.frames(self._index(index), frame_indices)
+
+
+def make_eval_source(config):
+    """config.data.num_eval_videos held-out videos. Synthetic: the indices after the training ones
+    (same seed, so the same distribution, but never seen in training)."""
+    d, m = config.data, config.model
+    if d.source == "synthetic":
+        full = SyntheticVideos(num_videos=d.num_videos + d.num_eval_videos, num_classes=d.num_classes,
+                               num_frames=d.video_frames, height=m.img_size, width=m.img_size, fps=d.video_fps,
+                               seed=config.seed)
+        return HeldOut(full, d.num_videos, d.num_eval_videos)
+    raise NotImplementedError(f"config.data.source={d.source!r}: validation data is only built for 'synthetic' "
+                              f"so far (set config.data.num_eval_videos=0 to train without validation)")
+
+
+def eval_clip(source, index: int, config):
+    """(uint8 [T, H, W, C], label): mae_st's per-epoch validation clip (train-style random start and
+    flip), drawn once per video from a generator seeded by (seed, video) so every evaluation agrees."""
+    info = source.info(index)
+    rng = np.random.default_rng([config.seed, 3, index])
+    idx = sampling.train_clip(rng, info.num_frames, config.model.num_frames, config.data.sampling_rate,
+                              info.fps, config.data.target_fps)
+    frames = source.frames(index, idx)
+    if config.data.flip and rng.random() < 0.5:
+        frames = frames[:, :, ::-1]
+    return frames, info.label
+
+
+def eval_batches(source, config, batch_size: int, *, process_index: int = 0, process_count: int = 1):
+    """Yield host batches {'video': uint8 [b, T, H, W, C], 'label': int32 [b], 'valid': bool [b]}.
+
+    Global batch j holds videos j * batch_size + [0, batch_size); this host reads its column block.
+    The last batch is padded with copies of video 0 marked valid=False.
+    """
+    n = len(source)
+    per_host = batch_size // process_count
+    columns = np.arange(process_index * per_host, (process_index + 1) * per_host)
+    with concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_workers)) as pool:
+        for start in range(0, n, batch_size):
+            videos = start + columns
+            valid = videos < n
+            clips = list(pool.map(lambda v: eval_clip(source, int(v), config), np.where(valid, videos, 0)))
+            yield {"video": np.stack([c[0] for c in clips]),
+                   "label": np.asarray([c[1] for c in clips], np.int32), "valid": valid}

@@ -1,0 +1,67 @@
+"""Jitted fine-tuning steps: train (Mixup/CutMix, classifier, soft-target loss, AdamW) and eval (padded batches)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mae_st_jax.train import mixup, sharding as shd, step as step_lib
+
+
+def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
+    """jit(step)(state, batch) -> (state, metrics); batch: 'video' uint8 [A, B/A, T, H, W, C], 'label' [A, B/A]."""
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    f = config.finetune
+    mix = functools.partial(mixup.mix_batch, num_classes=config.data.num_classes, mixup_alpha=f.mixup_alpha,
+                            cutmix_alpha=f.cutmix_alpha, prob=f.mixup_prob, switch_prob=f.switch_prob,
+                            label_smoothing=f.label_smoothing)
+    micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
+    seed, nan_step = config.seed, config.debug.inject_nan_at_step
+
+    def loss_fn(params, batch, key):  # one micro-batch; its own mix and drop-path/dropout keys
+        key_mix, key_model = jax.random.split(key)
+        model = nnx.merge(graphdef, params)
+        video = jax.lax.with_sharding_constraint(step_lib.normalize(batch["video"], mean, std), micro_sharding)
+        video, targets, _, _ = mix(key_mix, video, batch["label"])
+        logits = model(video, key=key_model, deterministic=False)
+        return mixup.soft_target_cross_entropy(logits, targets)
+
+    def step(state, batch):
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        micro_batches = {"video": batch["video"], "label": batch["label"]}
+        loss, grads = step_lib.accumulate_gradients(loss_fn, state["params"], micro_batches, key)
+        if nan_step >= 0:  # fault injection for tests, as the pre-training step
+            poison = jnp.where(state["step"] == nan_step, jnp.nan, 0.0)
+            loss, grads = loss + poison, jax.tree.map(lambda g: g + poison, grads)
+        return step_lib.apply_gradients(state, loss, grads, tx, schedule, config.skip_nonfinite)
+
+    batch_sh = {"video": shd.batch_sharding(mesh, 6), "label": shd.batch_sharding(mesh, 2)}
+    return jax.jit(step, in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def eval_batch_shardings(mesh) -> dict:
+    """Eval batches are [b, ...] (no accumulation axis), split over data x fsdp."""
+    split = lambda ndim: NamedSharding(mesh, P(shd.BATCH_AXES, *([None] * (ndim - 1))))
+    return {"video": split(5), "label": split(1), "valid": split(1)}
+
+
+def make_eval_step(graphdef, mesh, config, params_shardings):
+    """jit(step)(params, batch) -> sums {'count', 'loss', 'top1', 'top5'} over batch['valid'] entries."""
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    k = min(5, config.data.num_classes)
+
+    def step(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits = model(step_lib.normalize(batch["video"], mean, std), deterministic=True)  # [b, K] fp32
+        labels, valid = batch["label"], batch["valid"].astype(jnp.float32)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=1)[:, 0]
+        top = jax.lax.top_k(logits, k)[1]  # [b, k] class ids, best first
+        hits = top == labels[:, None]
+        return {"count": valid.sum(), "loss": (nll * valid).sum(),
+                "top1": (hits[:, 0] * valid).sum(), "top5": (hits.any(axis=1) * valid).sum()}
+
+    return jax.jit(step, in_shardings=(params_shardings, eval_batch_shardings(mesh)),
+                   out_shardings=shd.replicated(mesh))
