@@ -227,3 +227,30 @@ def test_classifier_drop_path_and_dropout():
     features = jax.jit(lambda v: nnx.merge(graphdef, state).features(v))(video)
     assert features.shape == (4, 32)
     np.testing.assert_allclose(model.head(features), base, rtol=1e-5, atol=1e-6)  # logits = head(features)
+
+
+def test_finetune_starts_from_a_converted_pytorch_checkpoint(tmp_path, tiny_config):
+    """The README's path: a mae_st .pth -> from_torch -> config.init_from of a fine-tuning run."""
+    from mae_st_jax.train import finetune
+    from mae_st_jax.train.logging import read_metrics
+
+    m = tiny_config.model
+    torch_model = ref.randomize(ref.MaskedAutoencoder(
+        img_size=m.img_size, patch_size=m.patch_size, num_frames=m.num_frames, t_patch_size=m.t_patch_size,
+        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, decoder_embed_dim=32, decoder_depth=1,
+        decoder_num_heads=16, pred_t_dim=m.pred_t_dim), 3)
+    pth = tmp_path / "mae.pth"
+    torch.save({"model": torch_model.state_dict()}, pth)
+    conv.main(["from_torch", f"--input={pth}", f"--output={tmp_path / 'converted'}",
+               f"--config.num_heads={m.num_heads}"])
+    tiny_config.mode = "finetune"
+    tiny_config.data.update(flip=False, num_eval_videos=8)
+    tiny_config.optim.update(b2=0.999, decay_tokens=False, lr_counts_repeat_aug=True, clip_grad=5.0, lr=1e-4)
+    tiny_config.init_from = str(tmp_path / "converted")
+    tiny_config.total_steps = 1
+    outcome = finetune.run(tiny_config, str(tmp_path / "ft"))
+    # one step with lr 1e-4 moves the encoder only a little away from the torch weights
+    q = np.asarray(outcome.state["params"]["blocks"]["attn"]["q"]["kernel"][0])
+    torch_q = torch_model.state_dict()["blocks.0.attn.q.weight"].numpy().T
+    assert np.abs(q - torch_q).max() < 2e-3 and np.abs(torch_q).max() > 1e-2
+    assert "eval_top1" in read_metrics(str(tmp_path / "ft"))[-1]

@@ -176,3 +176,44 @@ def test_failing_checkpoint_write_stops_and_keeps_the_last_good_one(tiny_config,
     mgr.close()
     pretrain.train(tiny_config, str(tmp_path))  # resumes from the good checkpoint and finishes
     assert max(_losses(tmp_path)) == 6
+
+
+def _shards_with_bad_jpegs(directory, num_videos=20, bad_every=10, num_shards=2):
+    """TFRecord shards of synthetic videos; every `bad_every`-th video has corrupt JPEG bytes."""
+    import tensorflow as tf
+
+    from mae_st_jax.data import records
+    from mae_st_jax.data.synthetic import SyntheticVideos
+    src = SyntheticVideos(num_videos, num_classes=4, num_frames=16, height=32, width=32, seed=3)
+    writers = [tf.io.TFRecordWriter(str(directory / f"train-{k:05d}-of-{num_shards:05d}.tfrecord"))
+               for k in range(num_shards)]
+    for i in range(num_videos):
+        jpegs = [records.encode_jpeg(f) for f in src.frames(i, np.arange(16))]
+        if i % bad_every == bad_every - 1:
+            jpegs = [b"\xff\xd8 not a jpeg" for _ in jpegs]
+        writers[i % num_shards].write(records.encode_video(
+            jpegs, fps=30.0, label=src.info(i).label, label_name="", path=f"v{i}", name=f"v{i}",
+            height=32, width=32))
+    for w in writers:
+        w.close()
+    return str(directory / "*.tfrecord")
+
+
+def test_ten_percent_corrupt_records_train_and_are_counted(tiny_config, tmp_path):
+    tiny_config.data.update(source="tfrecord", path=_shards_with_bad_jpegs(tmp_path), num_videos=20,
+                            max_skip_fraction=0.5)
+    tiny_config.total_steps = 6  # 6 steps x 4 videos > one epoch: the bad videos are drawn
+    pretrain.train(tiny_config, str(tmp_path / "run"))
+    logged = read_metrics(str(tmp_path / "run"))
+    assert [m["step"] for m in logged] == list(range(1, 7))
+    assert all(np.isfinite(m["loss"]) for m in logged)
+    assert logged[-1]["data_skipped"] > 0  # each bad draw counted (repeat_aug clips per video)
+    assert logged[-1]["data_skipped"] % tiny_config.data.repeat_aug == 0
+
+
+def test_too_many_corrupt_records_stop_the_run(tiny_config, tmp_path):
+    tiny_config.data.update(source="tfrecord", path=_shards_with_bad_jpegs(tmp_path, bad_every=2), num_videos=20,
+                            max_skip_fraction=0.1)
+    tiny_config.total_steps = 6
+    with pytest.raises(RuntimeError, match="max_skip_fraction=0.1"):
+        pretrain.train(tiny_config, str(tmp_path / "run"))
