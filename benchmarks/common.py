@@ -9,11 +9,21 @@ import numpy as np
 from mae_st_jax import config_lib
 from mae_st_jax.models.mae import model_kwargs
 from mae_st_jax.train import optim, sharding as shd, step as step_lib
-from mae_st_jax.train.pretrain import build_model
+from mae_st_jax.models import MaskedAutoencoder
 
 # dense bf16 peak TFLOP/s per chip (REFERENCE.md); match on jax's device_kind
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
                "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def add_clip_args(ap) -> None:
+    """Flags both benchmarks take: model size, clip shape, batch, mask ratio, dtype."""
+    ap.add_argument("--size", default="vit_b")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--img", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--mask_ratio", type=float, default=0.9)
+    ap.add_argument("--dtype", default="float32")
 
 
 def make_config(size: str, frames: int, img: int, batch: int, mask_ratio: float, dtype: str,
@@ -53,7 +63,8 @@ def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed:
     """Median seconds per step over `repeats` timings of `steps` steps each (after compile + warmup)."""
     mesh = shd.make_mesh(config.mesh)
     tx, schedule = optim.make_optimizer(config, config_lib.schedule_steps(config), config.warmup_steps)
-    graphdef, state, state_sh = step_lib.create_state(lambda r: build_model(config, r), tx, mesh, config)
+    graphdef, state, state_sh = step_lib.create_state(
+        lambda r: MaskedAutoencoder(rngs=r, **config.model.to_dict()), tx, mesh, config)
     train_step = step_lib.make_pretrain_step(graphdef, tx, schedule, mesh, config, state_sh)
     m = config.model
     rng = np.random.default_rng(seed)

@@ -6,21 +6,19 @@ Imports no TensorFlow: runs on a bare accelerator box with jax/flax/optax/orbax.
 
 import argparse
 import json
+import os
+import sys
 
 import jax
 
-from mae_st_jax import masking
-from benchmarks import common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from mae_st_jax import masking  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", default="vit_b")
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--img", type=int, default=112)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--mask_ratio", type=float, default=0.9)
-    ap.add_argument("--dtype", default="float32")
+    common.add_clip_args(ap)
     ap.add_argument("--remat", default="none")
     ap.add_argument("--attention_impl", default="")
     ap.add_argument("--fsdp", type=int, default=1)
