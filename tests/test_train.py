@@ -169,3 +169,13 @@ def test_config_error_is_raised_before_compiling(tiny_config, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="batch_size"):
         pretrain.train(tiny_config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
+    """The README's demo writes to a relative workdir (workdirs/demo); Orbax needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    tiny_config.total_steps = 2
+    pretrain.train(tiny_config, "workdirs/rel")
+    assert sorted(os.listdir(tmp_path / "workdirs" / "rel" / "checkpoints")) == ["2"]
+    params, _ = checkpoint.load_params("workdirs/rel")
+    assert jax.tree.leaves(params)

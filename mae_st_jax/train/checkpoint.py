@@ -16,7 +16,12 @@ def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> o
     """CheckpointManager over `workdir/checkpoints`; only committed steps are listed."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+    return ocp.CheckpointManager(_absolute(workdir) / "checkpoints", options=options)
+
+
+def _absolute(path: str) -> epath.Path:
+    """Orbax wants absolute paths: resolve local relative ones (gs://... stays as is)."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 def save_state(mgr: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
