@@ -78,6 +78,7 @@ def get_config(arg: str = "vit_l,k400"):
     if dataset != "synthetic":
         c.data.source = "tfrecord"
         c.data.path = f"gs://YOUR_BUCKET/{dataset}/train-*.tfrecord"
+        c.data.crop_area = (0.08, 1.0)  # fine-tuning's RandomResizedCrop area range (pre-training: 0.5-1)
     decay, drop_path, dropout, epochs, blr = RECIPES[sizes[0]]
     c.finetune.update(layer_decay=decay, drop_path_rate=drop_path, dropout_rate=dropout)
     c.optim.update(lr=0.0, blr=blr)
