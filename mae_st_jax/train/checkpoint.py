@@ -50,20 +50,22 @@ def load_params(directory: str, abstract_params=None):
     restored onto those shardings; without it they come back as host numpy arrays.
     """
     path = epath.Path(directory)
+    model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
     if (path / PARAMS_DIR).exists():
-        model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
         with ocp.StandardCheckpointer() as ckptr:
             target = abstract_params if abstract_params is not None else _host_target(ckptr, path / PARAMS_DIR)
             return ckptr.restore(os.path.abspath(path / PARAMS_DIR), target), model_config
     if (path / "checkpoints").exists():
         mgr = manager(str(path), async_save=False)
-        step = mgr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
-        model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
-        restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
-            restore_args=None, partial_restore=True,
-            item={"params": abstract_params} if abstract_params is not None else None))
+        try:
+            step = mgr.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
+            restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
+                restore_args=None, partial_restore=True,
+                item={"params": abstract_params} if abstract_params is not None else None))
+        finally:
+            mgr.close()
         params = restored["params"]
         if abstract_params is None:
             params = jax.tree.map(np.asarray, params)
