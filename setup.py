@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "convert": ["torch==2.13.0"],
-        "test": ["pytest", "torch==2.13.0"],
+        "notebooks": ["matplotlib", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "torch==2.13.0", "matplotlib", "nbclient", "nbformat", "ipykernel"],
     },
 )
