@@ -9,8 +9,9 @@ def get_config(arg: str = ""):
     c.model.update(embed_dim=128, depth=4, num_heads=4, patch_size=8, img_size=48, num_frames=8,
                    t_patch_size=2, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                    pred_t_dim=4, mask_ratio=0.9, norm_pix_loss=False)
-    c.data.update(num_videos=2048, num_classes=8, video_frames=48, sampling_rate=2, repeat_aug=2,
-                  num_workers=2)
+    # all 16 (shape, direction) classes of the synthetic source, with shapes big enough for 8x8 patches
+    c.data.update(num_videos=2048, num_classes=16, video_frames=48, sampling_rate=2, repeat_aug=2,
+                  num_workers=2, synthetic_radius=(0.12, 0.22), synthetic_speed=(0.02, 0.05))
     c.batch_size = 32
     c.total_steps = 300
     # the cosine spans 600 steps, so `--config.total_steps=600` later continues this run

@@ -12,7 +12,7 @@ import pathlib
 from mae_st_jax import config_lib
 from mae_st_jax.models.mae import model_kwargs
 
-DATASETS = {  # videos in the training list; validation is built for synthetic data only so far
+DATASETS = {  # videos in the training list; real data validates on all of data.eval_path
     "k400": dict(num_videos=240_436, num_eval_videos=0, num_classes=400),
     "ssv2": dict(num_videos=168_913, num_eval_videos=0, num_classes=174),
     "synthetic": dict(num_videos=4096, num_eval_videos=512, num_classes=8),
@@ -45,7 +45,9 @@ def demo_config():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     c = _finetune_defaults(demo.get_config())
-    c.data.update(flip=False, num_eval_videos=256)  # a mirrored video moves the other way: another class
+    # the demo's videos (16 shape x direction classes), labelled by shape kind: 4 classes
+    c.data.update(flip=False, num_eval_videos=256, synthetic_classes=16, synthetic_label="shape", num_classes=4)
+    c.finetune.update(mixup_prob=0.0, rand_augment="")  # a 2-minute run: no Mixup/CutMix or RandAugment
     c.batch_size = 32  # 16 videos x repeat_aug 2
     c.total_steps = 150
     c.schedule_steps = 0
@@ -78,6 +80,7 @@ def get_config(arg: str = "vit_l,k400"):
     if dataset != "synthetic":
         c.data.source = "tfrecord"
         c.data.path = f"gs://YOUR_BUCKET/{dataset}/train-*.tfrecord"
+        c.data.eval_path = f"gs://YOUR_BUCKET/{dataset}/val-*.tfrecord"
         c.data.crop_area = (0.08, 1.0)  # fine-tuning's RandomResizedCrop area range (pre-training: 0.5-1)
     decay, drop_path, dropout, epochs, blr = RECIPES[sizes[0]]
     c.finetune.update(layer_decay=decay, drop_path_rate=drop_path, dropout_rate=dropout)

@@ -8,7 +8,7 @@ from mae_st_jax import masking
 from mae_st_jax.models import layers
 from mae_st_jax.models.mae import model_kwargs, target_frame_indices
 
-MODES = ("pretrain", "finetune")
+MODES = ("pretrain", "finetune", "evaluate")
 SOURCES = ("synthetic", "tfrecord", "videos", "tfds")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,7 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", path="",
         num_videos=4096, num_classes=8, video_frames=96, video_fps=30.0,  # synthetic source
-        num_eval_videos=256,  # fine-tuning: held-out videos for validation (synthetic: indices after num_videos)
+        synthetic_radius=(0.075, 0.15), synthetic_speed=(0.015, 0.04),  # main shape size, px/frame: x side
+        synthetic_classes=0,  # (shape, direction) classes the videos come from (0: num_classes)
+        synthetic_label="class",  # the label: "class", "shape" (4 kinds) or "direction" (8)
+        # validation: synthetic -> num_eval_videos held-out videos (indices after num_videos; 0: none);
+        # real sources -> the videos at eval_path (tfrecord glob / list file / tfds name with eval_split),
+        # the first num_eval_videos of them during fine-tuning when > 0
+        num_eval_videos=256, eval_path="",
+        eval_split="validation",
         sampling_rate=4, target_fps=30.0, repeat_aug=4, flip=True,
         mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225),
         num_workers=4, prefetch=2,
@@ -66,6 +73,16 @@ def base_config() -> ml_collections.ConfigDict:
         drop_path_rate=0.1, dropout_rate=0.3, head_init_std=2e-5, layer_decay=0.75,
         mixup_alpha=0.8, cutmix_alpha=1.0, mixup_prob=1.0, switch_prob=0.5, label_smoothing=0.1,
         interpolate_pos_embed=True,  # resize init_from's pos-embeds when the token grid differs
+        rand_augment="rand-m7-mstd0.5-inc1",  # timm-style spec, one draw per clip ('' = off)
+        reprob=0.25,  # random erasing (one box per clip, all frames, N(0, 1) pixels after normalising)
+        linear_probe=False,  # True: frozen encoder, only the final norm and the head train
+    ))
+    # mode "evaluate": the multi-view test of config.init_from (or of the fine-tuning run in workdir)
+    c.test = ml_collections.ConfigDict(dict(
+        temporal_views=7,  # K uniformly spaced clips per video (paper: 7; mae_st code: 10)
+        spatial_views=3,  # 3: left/centre/right crops of the short-side-resized clip; 1: centre only
+        batch_videos=0,  # videos per global batch (0: eval_batch_size // views, at least one per device)
+        split="eval",  # "eval": the validation set (data.eval_path / held-out synthetic); "train"
     ))
     c.eval_every_steps = 0  # fine-tuning: validate every N steps (0: only after the last step)
     c.eval_batch_size = 0  # 0: the training micro-batch size
@@ -111,6 +128,11 @@ def warmup_steps(config) -> int:
     if config.warmup_steps >= 0:
         return int(config.warmup_steps)
     return int(round(config.warmup_epochs * steps_per_epoch(config)))
+
+
+def has_eval_data(config) -> bool:
+    d = config.data
+    return d.num_eval_videos > 0 if d.source == "synthetic" else bool(d.eval_path)
 
 
 def eval_batch_size(config) -> int:
@@ -162,7 +184,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
 
     if d.source not in SOURCES:
         fail(f"config.data.source={d.source!r}: choose one of {SOURCES}")
-    if d.source != "synthetic" and not d.path:
+    tests_eval_set = config.mode == "evaluate" and config.test.split == "eval"  # reads eval_path only
+    if d.source != "synthetic" and not d.path and not tests_eval_set:
         fail(f"config.data.source={d.source!r} needs config.data.path (tfrecord: a glob of shards, videos: a "
              f"list file, tfds: a dataset name or directory)")
     if d.crop not in ("auto", "random_resized", "none"):
@@ -217,7 +240,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[field] < 1:
             fail(f"config.{field}={config[field]} must be >= 1")
-    if config.mode == "finetune":
+    if config.mode in ("finetune", "evaluate"):
         validate_finetune(config, num_devices, process_count)
 
 
@@ -244,6 +267,23 @@ def validate_finetune(config, num_devices: int, process_count: int = 1) -> None:
     if batch < 1 or batch % num_devices or batch % process_count:
         raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} (gives {batch}) must be a positive "
                           f"multiple of the {num_devices} devices and {process_count} processes")
+    try:
+        from mae_st_jax.data import randaug
+        randaug.parse(f.rand_augment, d.mean)
+    except ValueError as e:
+        raise ConfigError(f"config.finetune.rand_augment: {e}") from None
+    if not 0.0 <= f.reprob <= 1.0:
+        raise ConfigError(f"config.finetune.reprob={f.reprob} must be in [0, 1]")
+    t = config.test
+    if t.temporal_views < 1 or t.spatial_views not in (1, 3) or t.batch_videos < 0:
+        raise ConfigError(f"config.test: temporal_views={t.temporal_views} must be >= 1, spatial_views="
+                          f"{t.spatial_views} 1 or 3, batch_videos={t.batch_videos} >= 0")
+    if t.split not in ("eval", "train"):
+        raise ConfigError(f"config.test.split={t.split!r}: choose 'eval' or 'train'")
+    if config.mode == "evaluate" and t.split == "eval" and not has_eval_data(config):
+        raise ConfigError(f"config.mode='evaluate' needs validation videos: set config.data.eval_path (source "
+                          f"{d.source!r})" if d.source != "synthetic" else
+                          "config.mode='evaluate' on synthetic data needs config.data.num_eval_videos > 0")
     if d.source == "synthetic" and d.flip:
         raise ConfigError("config.data.flip=True mirrors left/right motion, which is the synthetic videos' class: "
                           "set config.data.flip=False to fine-tune on them")

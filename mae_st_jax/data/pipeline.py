@@ -24,19 +24,18 @@ import jax
 import numpy as np
 from absl import logging
 
-from mae_st_jax.data import sampling
+from mae_st_jax.data import randaug, sampling
 from mae_st_jax.data.errors import BadVideo
-from mae_st_jax.data.synthetic import SyntheticVideos
+from mae_st_jax.data import synthetic
 
 MAX_SKIPS = 16  # unreadable videos in a row before a batch gives up
 
 
 def make_source(config, process_index: int | None = None, process_count: int | None = None):
     """The video source named by config.data.source (real sources: this process's share)."""
-    d, m = config.data, config.model
+    d = config.data
     if d.source == "synthetic":
-        return SyntheticVideos(num_videos=d.num_videos, num_classes=d.num_classes, num_frames=d.video_frames,
-                               height=m.img_size, width=m.img_size, fps=d.video_fps, seed=config.seed)
+        return synthetic.from_config(config, d.num_videos)
     from mae_st_jax.data import sources
     return sources.make_real_source(config, jax.process_index() if process_index is None else process_index,
                                     jax.process_count() if process_count is None else process_count)
@@ -59,6 +58,9 @@ class ClipLoader:
         self.crop_area = tuple(config.data.get("crop_area", (0.5, 1.0)))
         self.crop_aspect = tuple(config.data.get("crop_aspect", (0.75, 4 / 3)))
         self.img_size = config.model.img_size
+        # fine-tuning's RandAugment (one op draw per clip, all frames alike); pre-training has none
+        spec = config.finetune.get("rand_augment", "") if config.mode == "finetune" and train else ""
+        self.rand_aug = randaug.parse(spec, config.data.mean)
         self.repeat_aug = config.data.repeat_aug
         self.accum = config.grad_accum_steps
         self.micro = config.batch_size // self.accum
@@ -97,6 +99,8 @@ class ClipLoader:
         return self._augment(rng, frames), info.label
 
     def _augment(self, rng: np.random.Generator, frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if self.rand_aug is not None:  # before the crop, at the source resolution (mae_st order)
+            frames = randaug.rand_augment(rng, frames, self.rand_aug)
         if self.crop == "random_resized" and self.train:
             from mae_st_jax.data import augment
             return augment.random_resized_crop(rng, frames, self.img_size, self.crop_area, self.crop_aspect,

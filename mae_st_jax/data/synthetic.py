@@ -16,6 +16,8 @@ CLASSES = (
     + tuple((s, d) for d in _CARDINAL for s in _SHAPES[2:])
     + tuple((s, d) for d in _DIAGONAL for s in _SHAPES)
 )
+SHAPES, DIRECTIONS = _SHAPES, _CARDINAL + _DIAGONAL
+LABEL_BY = ("class", "shape", "direction")
 MIN_CONTRAST = 80.0  # minimum RGB distance between a shape colour and every background colour
 
 
@@ -61,10 +63,16 @@ class SyntheticVideos:
     """Deterministic procedural video source: class k = (shape kind, motion direction), see CLASSES.
 
     num_distractors (0-2) adds smaller shapes with class-independent motion under the main shape.
+    radius / speed: ranges of the main shape's size and speed (pixels per frame), as fractions of the
+    shorter side. label_by: what `info().label` reports: the class index ('class'), the shape kind
+    ('shape': index in SHAPES) or the motion direction ('direction': index in DIRECTIONS); videos are
+    drawn from the first num_classes classes either way.
     """
 
     def __init__(self, num_videos: int, num_classes: int = 8, num_frames: int = 64, height: int = 64,
-                 width: int = 64, fps: float = 30.0, seed: int = 0, num_distractors: int = 0):
+                 width: int = 64, fps: float = 30.0, seed: int = 0, num_distractors: int = 0,
+                 radius: tuple[float, float] = (0.075, 0.15), speed: tuple[float, float] = (0.015, 0.04),
+                 label_by: str = "class"):
         if num_videos < 1:
             raise ValueError(f"num_videos must be >= 1, got {num_videos}")
         if not 2 <= num_classes <= len(CLASSES):
@@ -80,6 +88,14 @@ class SyntheticVideos:
         self.num_videos, self.num_classes, self.num_frames = num_videos, num_classes, num_frames
         self.height, self.width, self.fps, self.seed = height, width, float(fps), seed
         self.num_distractors = num_distractors
+        for name, (lo, hi), top in (("radius", radius, 0.5), ("speed", speed, 0.5)):
+            if not 0 < lo <= hi <= top:
+                raise ValueError(f"{name} range must satisfy 0 < low <= high <= {top} (fractions of the shorter "
+                                 f"side), got {(lo, hi)}")
+        self.radius, self.speed = (float(radius[0]), float(radius[1])), (float(speed[0]), float(speed[1]))
+        if label_by not in LABEL_BY:
+            raise ValueError(f"label_by must be one of {LABEL_BY}, got {label_by!r}")
+        self.label_by = label_by
 
     def __len__(self) -> int:
         return self.num_videos
@@ -90,6 +106,15 @@ class SyntheticVideos:
         return int(index)
 
     def label(self, index: int) -> int:
+        """The label_by label of video `index` (see the class docstring)."""
+        cls = self.class_index(index)
+        if self.label_by == "shape":
+            return SHAPES.index(CLASSES[cls][0])
+        if self.label_by == "direction":
+            return DIRECTIONS.index(CLASSES[cls][1])
+        return cls
+
+    def class_index(self, index: int) -> int:
         """Class of video `index`: a seeded permutation of the classes per block of num_classes videos."""
         index = self._check_index(index)
         block_rng = np.random.default_rng([self.seed, 1, index // self.num_classes])
@@ -122,9 +147,9 @@ class SyntheticVideos:
             sprites.append(_Sprite(str(rng.choice(_SHAPES[:2])), rng.uniform(0.04, 0.06) * side,
                                    contrasting_color(), rng.uniform(0, 1, 2) * size,
                                    speed * np.array([np.cos(theta), np.sin(theta)])))
-        kind, direction = CLASSES[self.label(index)]
-        radius = rng.uniform(0.075, 0.15) * side * (1.2 if kind == "triangle" else 1.0)
-        speed = rng.uniform(0.015, 0.04) * side  # ~1-2.6 px/frame at 64x64
+        kind, direction = CLASSES[self.class_index(index)]
+        radius = rng.uniform(*self.radius) * side * (1.2 if kind == "triangle" else 1.0)
+        speed = rng.uniform(*self.speed) * side  # default ~1-2.6 px/frame at 64x64
         vel = speed * np.array(direction, np.float64) / np.linalg.norm(direction)
         sprites.append(_Sprite(kind, radius, contrasting_color(), rng.uniform(0, 1, 2) * size, vel))
         return bg0, bg1, angle, sprites
@@ -167,3 +192,13 @@ class SyntheticVideos:
             patch += alpha * (s.color - patch)
             out[sel] = (patch + 0.5).astype(np.uint8)
         return out
+
+
+def from_config(config, num_videos: int) -> SyntheticVideos:
+    """The synthetic source config.data describes, holding `num_videos` videos (frames at model.img_size)."""
+    d, m = config.data, config.model
+    return SyntheticVideos(num_videos=num_videos, num_classes=d.get("synthetic_classes", 0) or d.num_classes,
+                           num_frames=d.video_frames, label_by=d.get("synthetic_label", "class"),
+                           height=m.img_size, width=m.img_size, fps=d.video_fps, seed=config.seed,
+                           radius=tuple(d.get("synthetic_radius", (0.075, 0.15))),
+                           speed=tuple(d.get("synthetic_speed", (0.015, 0.04))))

@@ -4,8 +4,9 @@ import concurrent.futures
 
 import numpy as np
 
+from mae_st_jax import config_lib
 from mae_st_jax.data import sampling
-from mae_st_jax.data.synthetic import SyntheticVideos
+from mae_st_jax.data import synthetic
 
 
 class HeldOut:
@@ -31,17 +32,30 @@ class HeldOut:
         return self.source.frames(self._index(index), frame_indices)
 
 
-def make_eval_source(config):
-    """config.data.num_eval_videos held-out videos. Synthetic: the indices after the training ones
-    (same seed, so the same distribution, but never seen in training)."""
-    d, m = config.data, config.model
+def make_eval_source(config, limit: bool = True):
+    """The validation videos, or None when the config has none (config_lib.has_eval_data).
+
+    Synthetic: num_eval_videos videos after the training ones (same seed, so the same distribution, but
+    never seen in training). Real sources: every video at data.eval_path (tfds: split data.eval_split),
+    the same list on every process (each reads its own rows of each batch); with `limit`, only the first
+    num_eval_videos when that is > 0 (periodic validation on a subset).
+    """
+    d = config.data
+    if not config_lib.has_eval_data(config):
+        return None
     if d.source == "synthetic":
-        full = SyntheticVideos(num_videos=d.num_videos + d.num_eval_videos, num_classes=d.num_classes,
-                               num_frames=d.video_frames, height=m.img_size, width=m.img_size, fps=d.video_fps,
-                               seed=config.seed)
+        full = synthetic.from_config(config, d.num_videos + d.num_eval_videos)
         return HeldOut(full, d.num_videos, d.num_eval_videos)
-    raise NotImplementedError(f"config.data.source={d.source!r}: validation data is only built for 'synthetic' "
-                              f"so far (set config.data.num_eval_videos=0 to train without validation)")
+    from mae_st_jax.data import sources
+    eval_config = config.copy_and_resolve_references()
+    with eval_config.unlocked():
+        eval_config.data.path, eval_config.data.split = d.eval_path, d.eval_split
+        eval_config.mode = "finetune"  # labels are checked against num_classes
+        eval_config.total_steps = max(1, config.total_steps)  # no epoch-size warning for the eval list
+    source = sources.make_real_source(eval_config, process_index=0, process_count=1)
+    if limit and 0 < d.num_eval_videos < len(source):
+        source = HeldOut(source, 0, d.num_eval_videos)
+    return source
 
 
 def eval_clip(source, index: int, config):
@@ -52,6 +66,11 @@ def eval_clip(source, index: int, config):
     idx = sampling.train_clip(rng, info.num_frames, config.model.num_frames, config.data.sampling_rate,
                               info.fps, config.data.target_fps)
     frames = source.frames(index, idx)
+    size = config.model.img_size
+    if frames.shape[1:3] != (size, size):  # real videos: PySlowFast's val jitter (short side 256-320 at 224)
+        from mae_st_jax.data import augment
+        scales = (int(round(size * 256 / 224)), int(round(size * 320 / 224)))
+        return augment.jitter_crop(rng, frames, size, scales, flip=config.data.flip), info.label
     if config.data.flip and rng.random() < 0.5:
         frames = frames[:, :, ::-1]
     return frames, info.label

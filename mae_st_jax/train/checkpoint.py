@@ -61,9 +61,15 @@ def load_params(directory: str, abstract_params=None):
             step = mgr.latest_step()
             if step is None:
                 raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
+            if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
+                with ocp.StandardCheckpointer() as ckptr:
+                    item = {"params": _host_target(ckptr, _absolute(str(path)) / "checkpoints" / str(step) /
+                                                   "default")["params"]}
+                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            else:
+                item, restore_args = {"params": abstract_params}, None
             restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
-                restore_args=None, partial_restore=True,
-                item={"params": abstract_params} if abstract_params is not None else None))
+                item=item, restore_args=restore_args, partial_restore=True))
         finally:
             mgr.close()
         params = restored["params"]

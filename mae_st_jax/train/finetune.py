@@ -3,6 +3,7 @@
 import inspect
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -25,6 +26,12 @@ def classifier_kwargs(config) -> dict:
 
 def build_model(config, rngs: nnx.Rngs) -> VideoClassifier:
     return VideoClassifier(rngs=rngs, **classifier_kwargs(config))
+
+
+def probe_scales(params) -> dict:
+    """lr multipliers for a linear probe: 1 for finetune_step.PROBE_TRAINABLE, 0 for the frozen encoder."""
+    return {k: jax.tree.map(lambda _, one=float(k in finetune_step.PROBE_TRAINABLE): np.float32(one), v)
+            for k, v in params.items()}
 
 
 def evaluate(eval_step, params, source, config, batch_shardings) -> dict:
@@ -55,6 +62,8 @@ def run(config, workdir: str) -> loop.Outcome:
     lr_scales = None
     if config.finetune.layer_decay < 1.0:
         lr_scales = optim.layer_decay_scales(abstract_params, config.model.depth, config.finetune.layer_decay)
+    if config.finetune.linear_probe:  # only the final norm and the head move (weight decay included)
+        lr_scales = probe_scales(abstract_params)
     tx, schedule = optim.make_optimizer(config, config_lib.schedule_steps(config), config_lib.warmup_steps(config),
                                         lr_scales=lr_scales)
 
@@ -66,7 +75,7 @@ def run(config, workdir: str) -> loop.Outcome:
                                                nnx.Param)[1].to_pure_dict()["head"])()
         return dict(encoder, head=jax.device_get(fresh_head))
 
-    eval_source = validation.make_eval_source(config) if config.data.num_eval_videos > 0 else None
+    eval_source = validation.make_eval_source(config)
     eval_sh = finetune_step.eval_batch_shardings(mesh)
     steps = {}
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mae_st_jax.train import mixup, sharding as shd, step as step_lib
+from mae_st_jax.train import erasing, mixup, sharding as shd, step as step_lib
+
+PROBE_TRAINABLE = ("norm", "head")  # what a linear probe trains: the final norm and the linear head
 
 
 def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
@@ -20,10 +22,15 @@ def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
     micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
     seed, nan_step = config.seed, config.debug.inject_nan_at_step
 
-    def loss_fn(params, batch, key):  # one micro-batch; its own mix and drop-path/dropout keys
-        key_mix, key_model = jax.random.split(key)
+    reprob, probe = float(f.get("reprob", 0.0)), bool(f.get("linear_probe", False))
+
+    def loss_fn(params, batch, key):  # one micro-batch; its own erase, mix and drop-path/dropout keys
+        key_erase, key_mix, key_model = jax.random.split(key, 3)
+        if probe:  # frozen encoder: no gradient (and no backward pass) through it
+            params = {k: v if k in PROBE_TRAINABLE else jax.lax.stop_gradient(v) for k, v in params.items()}
         model = nnx.merge(graphdef, params)
         video = jax.lax.with_sharding_constraint(step_lib.normalize(batch["video"], mean, std), micro_sharding)
+        video = erasing.random_erase(key_erase, video, reprob)  # after the crop, before the mix (mae_st)
         video, targets, _, _ = mix(key_mix, video, batch["label"])
         logits = model(video, key=key_model, deterministic=False)
         return mixup.soft_target_cross_entropy(logits, targets)
