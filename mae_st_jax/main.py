@@ -7,12 +7,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_st_jax import config_lib
+from mae_st_jax import config_lib, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:vit_l,k400.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and figures.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: process 0's host:port (with --num_processes and "
+                    "--process_id); empty: auto-detect Slurm / Cloud TPU pod / Open MPI, else one process.")
+flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,6 +30,10 @@ class _QuietLibraries(pylogging.Filter):
 
 def main(argv):
     del argv
+    try:  # before anything touches devices
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+        sys.exit(f"flag error: {e}")
     for handler in pylogging.getLogger().handlers + [logging.get_absl_handler()]:
         handler.addFilter(_QuietLibraries())
     config = FLAGS.config
@@ -41,6 +49,12 @@ def main(argv):
     elif config.mode == "finetune":
         from mae_st_jax.train import finetune
         finetune.train(config, FLAGS.workdir)
+    elif config.mode == "evaluate":
+        from mae_st_jax import evaluate
+        try:
+            evaluate.run(config, FLAGS.workdir)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"evaluate: {e}")
 
 
 if __name__ == "__main__":

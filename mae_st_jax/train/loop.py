@@ -14,7 +14,7 @@ import jax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from mae_st_jax import config_lib
+from mae_st_jax import config_lib, distributed
 from mae_st_jax.data import pipeline
 from mae_st_jax.train import checkpoint, step as step_lib
 from mae_st_jax.train.logging import MetricsLog
@@ -136,15 +136,20 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
 
     last, t_last, step_last = {}, time.time(), start
     clips_seen, data_skipped = 0, 0  # this process, this run
-    preempted = False
+    preempted, compiled = False, False
     logging.info("%s steps %d..%d, %d clips per step", name, start + 1, total, config.batch_size)
     try:
         with StopSignal() as stop:
             for step, host_batch in loader.iterate(start, prefetch=config.data.prefetch):
                 if step >= total:
                     break
+                batch = pipeline.to_global(host_batch, batch_shardings)
+                if not compiled:  # once, before step 1: compile ahead of time and report memory; then all
+                    # hosts start step 1 together (a collective's set-up can time out waiting for a slow host)
+                    train_step, compiled = compile_step(train_step, state, batch), True
+                    distributed.barrier("train step compiled")
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = train_step(state, pipeline.to_global(host_batch, batch_shardings))
+                    state, metrics = train_step(state, batch)
                 done = step + 1
                 clips_seen += host_batch["video"].shape[0] * host_batch["video"].shape[1]
                 data_skipped += int(host_batch.get("skipped", 0))
@@ -184,6 +189,47 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
         log.flush()
         log.close()
     return Outcome(last, state, graphdef, preempted)
+
+
+def compile_step(train_step, state, batch):
+    """The jitted step compiled ahead of time for these arguments (the loop then calls the executable, so
+    there is no second compilation), with its per-device memory use logged; `train_step` itself when it
+    cannot be lowered."""
+    if not hasattr(train_step, "lower"):
+        logging.info("Train step memory analysis: not available (the step is not a jitted function)")
+        return train_step
+    t0 = time.time()
+    compiled = train_step.lower(state, batch).compile()
+    logging.info("Compiled the train step in %.1f s", time.time() - t0)
+    log_memory_analysis(compiled)
+    return compiled
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def log_memory_analysis(compiled, name: str = "Train step") -> dict | None:
+    """Log (and return) the compiled program's per-device memory: arguments, outputs, temporaries, code."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as e:  # some backends do not implement it
+        logging.info("%s memory analysis: not available (%s: %s)", name, type(e).__name__, e)
+        return None
+    if stats is None:
+        logging.info("%s memory analysis: not available on %s", name, jax.default_backend())
+        return None
+    fields = {"arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
+              "temp": "temp_size_in_bytes", "generated code": "generated_code_size_in_bytes",
+              "aliased": "alias_size_in_bytes"}
+    sizes = {k: int(getattr(stats, a, 0) or 0) for k, a in fields.items()}
+    peak = sizes["arguments"] + sizes["outputs"] + sizes["temp"] + sizes["generated code"] - sizes["aliased"]
+    logging.info("%s memory per device: %s; total %s (outputs aliased with donated arguments counted once)",
+                 name, ", ".join(f"{k} {_size(v)}" for k, v in sizes.items()), _size(peak))
+    return sizes
 
 
 def _check_finite(m: dict, done: int, config) -> None:

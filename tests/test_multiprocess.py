@@ -1,0 +1,394 @@
+"""Multi-host on localhost: 2 processes x 2 fake CPU devices (jax.distributed, gloo) train as 1 process x 4
+devices does, each reading only its own clips; Orbax checkpoints written by several processes resume and
+restore onto other process and device counts; the distributed start-up decision; the loop's memory report.
+
+The subprocesses run this file as a script (`python tests/test_multiprocess.py SPEC`): it instruments the
+clip loader and the metrics log, then runs the real command line (mae_st_jax.main with its flags)."""
+
+import json
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config_module
+
+TIMEOUT = 600  # seconds per group of subprocesses: 2 shared CPU cores are slow
+# a tiny model on configs/demo.py: 16 px, 4 frames, embed 32, depth 1, batch 8
+TINY = {"model.embed_dim": 32, "model.depth": 1, "model.num_heads": 2, "model.img_size": 16,
+        "model.patch_size": 8, "model.num_frames": 4, "model.decoder_embed_dim": 32, "model.decoder_depth": 1,
+        "model.decoder_num_heads": 2, "model.pred_t_dim": 2, "model.mask_ratio": 0.75,
+        "data.num_videos": 64, "data.video_frames": 16, "data.num_workers": 1, "data.prefetch": 1,
+        "batch_size": 8, "schedule_steps": 8, "warmup_steps": 2, "log_every_steps": 1,
+        "checkpoint_every_steps": 2, "write_reconstruction": False, "fsdp_min_size": 256}
+# params split over all 4 devices, i.e. across the 2 processes: each writes its own shards
+FSDP4 = {"mesh.data": 1, "mesh.fsdp": 4, "param_sharding": "fsdp"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the subprocess side
+
+
+def _worker(spec: dict) -> None:
+    """Run mae_st_jax.main with spec['flags'], recording what this process read and logged; write them (and,
+    on process 0, the final state gathered from all processes) to spec['out']."""
+    import jax
+    from absl import app
+    from jax.experimental import multihost_utils
+
+    from mae_st_jax import main as cli
+    from mae_st_jax.data import pipeline
+    from mae_st_jax.train import logging as metrics_logging, loop
+
+    reads, logged, outcomes = [], {}, []
+    clip, write, run, compile_step = (pipeline.ClipLoader._clip, metrics_logging.MetricsLog.write, loop.run,
+                                      loop.compile_step)
+
+    def recording_clip(self, step, slot):  # every clip this process cuts: (step, global slot, video)
+        reads.append((int(step), int(slot), self._video_index(self._position(step, slot))))
+        return clip(self, step, slot)
+
+    def recording_write(self, step, scalars):
+        logged.setdefault(int(step), {}).update({k: float(v) for k, v in scalars.items()})
+        return write(self, step, scalars)
+
+    def recording_run(*args, **kwargs):
+        outcomes.append(run(*args, **kwargs))
+        return outcomes[-1]
+
+    def slow_compile_step(*args):  # this host compiles for longer than a collective's set-up waits
+        if jax.process_index() == 1:
+            time.sleep(spec["slow_compile_s"])
+        return compile_step(*args)
+
+    pipeline.ClipLoader._clip, metrics_logging.MetricsLog.write, loop.run = recording_clip, recording_write, \
+        recording_run
+    if spec.get("slow_compile_s"):
+        loop.compile_step = slow_compile_step
+    try:
+        # config_flags reads its --config.* overrides from sys.argv
+        sys.argv = ["main", "--config=configs/demo.py", f"--workdir={spec['workdir']}", *spec["flags"]]
+        app.run(cli.main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    outcome = outcomes[-1]
+    q = outcome.state["params"]["blocks"]["attn"]["q"]["kernel"]
+    result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+              "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+              "reads": reads, "logged": {str(k): v for k, v in logged.items()},
+              "mesh": dict(q.sharding.mesh.shape), "q_spec": str(q.sharding.spec),
+              "q_shard_fraction": q.addressable_shards[0].data.size / q.size}
+    state = multihost_utils.process_allgather(outcome.state, tiled=True)  # every process takes part
+    if jax.process_index() == 0:
+        flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+        with open(spec["out"] + ".state.pkl", "wb") as f:
+            pickle.dump(flat, f)
+    with open(spec["out"], "w") as f:
+        json.dump(result, f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pytest side
+
+
+def _flags(overrides: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path, n=4000) -> str:
+    """The Python exception lines of a worker's output (a crash in C++ can bury them), then its end."""
+    with open(path, errors="replace") as f:
+        text = f.read()
+    errors = [line[:400] for line in text.splitlines() if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return "\n".join(errors[-3:] + ["..."]) + "\n" + text[-n:]
+
+
+def _start(tmp_path, name: str, workdir, *, processes: int, devices: int, overrides: dict,
+           slow_compile_s: float = 0) -> dict:
+    """Start `processes` workers with `devices` fake CPU devices each on one workdir."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    port = _free_port()
+    run = {"name": name, "procs": [], "outs": [], "logs": [], "processes": processes, "devices": devices,
+           "deadline": time.time() + TIMEOUT}
+    for i in range(processes):
+        flags = _flags({**TINY, **overrides})
+        if processes > 1:
+            flags += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+        out, log = tmp_path / f"{name}_{i}.json", tmp_path / f"{name}_{i}.log"
+        spec = {"workdir": str(workdir), "out": str(out), "flags": flags, "slow_compile_s": slow_compile_s}
+        with open(log, "w") as f:
+            run["procs"].append(subprocess.Popen([sys.executable, __file__, json.dumps(spec)], cwd=ROOT, env=env,
+                                                 stdout=f, stderr=subprocess.STDOUT))
+        run["outs"].append(out)
+        run["logs"].append(log)
+    return run
+
+
+def _wait(run: dict) -> list[dict]:
+    """The started workers' results, by process; fails with the output tail of the first that failed."""
+    name, procs, logs = run["name"], run["procs"], run["logs"]
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed or time.time() > run["deadline"]:
+                i = failed[0] if failed else next(i for i, p in enumerate(procs) if p.poll() is None)
+                why = f"exited with {procs[i].returncode}" if failed else f"still running after {TIMEOUT} s"
+                pytest.fail(f"{name}: process {i} {why}; its output ends:\n{_tail(logs[i])}")
+            time.sleep(0.5)
+        for i, p in enumerate(procs):
+            assert p.returncode == 0, f"{name}: process {i} exited with {p.returncode}:\n{_tail(logs[i])}"
+    finally:
+        _kill(run)  # the others would wait for a dead peer
+    results = [json.loads(out.read_text()) for out in run["outs"]]
+    for i, r in enumerate(results):
+        r["log"] = logs[i].read_text(errors="replace")
+        if r["process_index"] == 0:
+            with open(str(run["outs"][i]) + ".state.pkl", "rb") as f:
+                r["state"] = pickle.load(f)
+    assert [r["process_index"] for r in results] == list(range(run["processes"]))
+    assert all(r["process_count"] == run["processes"] and r["local_device_count"] == run["devices"]
+               for r in results)
+    return results
+
+
+def _kill(run: dict) -> None:
+    for p in run["procs"]:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _launch(*args, **kwargs) -> list[dict]:
+    return _wait(_start(*args, **kwargs))
+
+
+def _losses(result, steps) -> np.ndarray:
+    return np.array([result["logged"][str(s)]["loss"] for s in steps])
+
+
+def _reads(result, steps) -> set:
+    return {(step, slot, video) for step, slot, video in result["reads"] if step in steps}
+
+
+def _model_metrics(result) -> dict:
+    """Logged metrics that come from the replicated step output (not this host's clock or data counters)."""
+    return {step: {k: m[k] for k in ("loss", "grad_norm", "lr", "nonfinite_steps")}
+            for step, m in result["logged"].items()}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_two_processes_train_as_one_read_disjoint_clips_and_share_checkpoints(tmp_path):
+    # reference: one process with 4 devices, 5 straight steps; at the same time 2 processes x 2 devices run
+    # 3 steps (checkpoints 2 and 3), later resumed to 5 in 2 processes again
+    ref_run = _start(tmp_path, "ref", tmp_path / "ref", processes=1, devices=4, overrides={**FSDP4, "total_steps": 5})
+    two_run = _start(tmp_path, "two", tmp_path / "two", processes=2, devices=2, overrides={**FSDP4, "total_steps": 3})
+    try:
+        (ref,), two = _wait(ref_run), _wait(two_run)
+    finally:
+        _kill(two_run)
+    assert "Train step memory per device: arguments" in ref["log"]
+    steps = [1, 2, 3]
+    for r in two:
+        assert r["device_count"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4}
+        assert r["q_shard_fraction"] == 0.25  # the params really are split across processes
+        np.testing.assert_allclose(_losses(r, steps), _losses(ref, steps), rtol=1e-4)
+    assert _model_metrics(two[0]) == _model_metrics(two[1])  # both processes see the same replicated metrics
+    # each process cut only clips of its own rows, and together exactly the one-process clips
+    first, second = (_reads(r, {0, 1, 2}) for r in two)
+    assert first and second and not first & second
+    assert first | second == _reads(ref, {0, 1, 2})
+    assert {slot % 8 for _, slot, _ in first} == {0, 1, 2, 3} and {slot % 8 for _, slot, _ in second} == {4, 5, 6, 7}
+    assert not {v for _, _, v in first} & {v for _, _, v in second}  # repeat_aug: a video's clips stay on one host
+    with open(tmp_path / "two" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == steps  # written once, by process 0
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "3"]
+
+    # process 1 compiles 35 s longer: gloo's 30 s set-up would time out on process 0 without the loop's barrier
+    resumed = _launch(tmp_path, "resumed", tmp_path / "two", processes=2, devices=2,
+                      overrides={**FSDP4, "total_steps": 5}, slow_compile_s=35)
+    for r in resumed:
+        assert "Resuming from checkpoint step 3" in r["log"]
+        assert sorted(r["logged"]) == ["4", "5"]
+        np.testing.assert_allclose(_losses(r, [4, 5]), _losses(ref, [4, 5]), rtol=1e-4)
+        assert min(step for step, _, _ in r["reads"]) == 3  # the data picked up where it stopped
+    assert _model_metrics(resumed[0]) == _model_metrics(resumed[1])
+
+    # the 2-process checkpoint in one process with 2 devices and a replicated mesh: the same values
+    alone, = _launch(tmp_path, "alone", tmp_path / "two", processes=1, devices=2,
+                     overrides={"mesh.data": -1, "mesh.fsdp": 1, "param_sharding": "replicate", "total_steps": 5})
+    assert "Nothing to do: checkpoint step 5" in alone["log"]
+    assert alone["mesh"] == {"data": 2, "fsdp": 1} and alone["q_shard_fraction"] == 1.0
+    _assert_same_state(alone["state"], resumed[0]["state"])
+
+
+def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
+    import jax
+
+    from mae_st_jax.train import pretrain
+
+    assert jax.device_count() == 8  # conftest: this process has 8 fake devices
+    config = load_config_module("demo").get_config()
+    for key, value in {**TINY, "mesh.data": 1, "mesh.fsdp": 8, "param_sharding": "fsdp", "total_steps": 1,
+                       "async_checkpoints": False}.items():
+        *parents, field = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[field] = value
+    saved = pretrain.run(config, str(tmp_path / "w")).state
+    q = saved["params"]["blocks"]["attn"]["q"]["kernel"]
+    assert q.addressable_shards[0].data.size * 8 == q.size  # really split 8 ways
+    expected = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(saved)}
+
+    restored, = _launch(tmp_path, "four", tmp_path / "w", processes=1, devices=4,
+                        overrides={"mesh.data": 2, "mesh.fsdp": 2, "param_sharding": "fsdp", "total_steps": 1})
+    assert "Nothing to do: checkpoint step 1" in restored["log"]
+    assert restored["device_count"] == 4 and restored["mesh"] == {"data": 2, "fsdp": 2}
+    assert restored["q_shard_fraction"] == 0.5 and "fsdp" in restored["q_spec"]  # on the new mesh's shardings
+    _assert_same_state(restored["state"], expected)
+
+
+def test_partial_flags_fail_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mae_st_jax.main", "--config=configs/demo.py",
+                           f"--workdir={tmp_path}", "--coordinator_address=127.0.0.1:1234"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(os.environ, XLA_FLAGS=""))
+    assert proc.returncode != 0
+    assert "missing --num_processes, --process_id" in proc.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the start-up decision, without initialising anything
+
+
+def test_explicit_flags():
+    from mae_st_jax import distributed
+    plan = distributed.decide("10.0.0.1:1234", 4, 2, environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})
+    assert (plan.mode, plan.coordinator_address, plan.num_processes, plan.process_id) == \
+        ("explicit", "10.0.0.1:1234", 4, 2)
+    assert plan.distributed
+
+
+@pytest.mark.parametrize("args,missing", [
+    (("10.0.0.1:1234", 0, -1), "--num_processes, --process_id"),
+    (("", 2, -1), "--coordinator_address, --process_id"),
+    (("", 0, 0), "--coordinator_address, --num_processes"),
+    (("10.0.0.1:1234", 2, -1), "--process_id"),
+])
+def test_partial_flags_name_what_is_missing(args, missing):
+    from mae_st_jax import distributed
+    with pytest.raises(ValueError, match=f"missing {missing}") as e:
+        distributed.decide(*args, environ={})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,match", [
+    (("10.0.0.1:1234", 2, 2), "must be smaller"),
+    (("10.0.0.1", 2, 0), "needs a port"),
+])
+def test_bad_flags(args, match):
+    from mae_st_jax import distributed
+    with pytest.raises(ValueError, match=match):
+        distributed.decide(*args, environ={})
+
+
+SLURM = {"SLURM_JOB_ID": "1234", "SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+         "SLURM_STEP_NODELIST": "node[001-002]"}
+
+
+@pytest.mark.parametrize("environ,mode", [
+    ({}, "single"),
+    ({"HOME": "/root", "CUDA_VISIBLE_DEVICES": "0,1"}, "single"),
+    (SLURM, "slurm"),
+    ({**SLURM, "SLURM_NTASKS": "1"}, "single"),  # a one-task job is one process
+    ({"SLURM_JOB_ID": "1234", "SLURM_NTASKS": "4"}, "single"),  # the batch script itself, not an srun step
+    ({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3", "TPU_WORKER_ID": "2"}, "tpu"),
+    ({"TPU_PROCESS_ADDRESSES": "10.0.0.2:8476,10.0.0.3:8476", "TPU_WORKER_ID": "0"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}, "single"),  # one host: nothing to join
+    ({"TPU_WORKER_HOSTNAMES": "localhost", "MEGASCALE_NUM_SLICES": "2"}, "tpu"),  # multislice
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_RANK": "1"}, "ompi"),
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "1"}, "single"),
+])
+def test_auto_detection_from_environment(environ, mode):
+    from mae_st_jax import distributed
+    plan = distributed.decide(environ=environ)
+    assert plan.mode == mode, plan.reason
+    assert plan.distributed == (mode != "single")
+    assert (plan.coordinator_address, plan.num_processes, plan.process_id) == ("", 0, -1)  # JAX reads the cluster
+
+
+def test_tpu_vm_metadata_host_count():
+    from mae_st_jax import distributed
+    assert distributed.decide(environ={}, tpu_vm_process_count=4).mode == "tpu"
+    assert distributed.decide(environ={}, tpu_vm_process_count=1).mode == "single"
+
+
+def test_initialize_without_cluster_does_nothing():
+    import jax
+
+    from mae_st_jax import distributed
+    plan = distributed.initialize()  # this pytest process: no flags, no cluster
+    assert plan.mode in ("single", "already")
+    assert jax.process_count() == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop's per-device memory report before step 1 (logged in every run above)
+
+
+class _Compiled:
+    def __init__(self, analysis):
+        self.analysis = analysis
+
+    def memory_analysis(self):
+        if isinstance(self.analysis, Exception):
+            raise self.analysis
+        return self.analysis
+
+
+def test_memory_analysis_report(caplog):
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from mae_st_jax.train import loop
+    caplog.set_level("INFO")
+    stats = types.SimpleNamespace(argument_size_in_bytes=3 * 2**30, output_size_in_bytes=2**20,
+                                  temp_size_in_bytes=512 * 2**20, generated_code_size_in_bytes=2048,
+                                  alias_size_in_bytes=2**20)
+    sizes = loop.log_memory_analysis(_Compiled(stats))
+    assert sizes == {"arguments": 3 * 2**30, "outputs": 2**20, "temp": 512 * 2**20, "generated code": 2048,
+                     "aliased": 2**20}
+    assert "arguments 3.00 GiB, outputs 1.00 MiB, temp 512.00 MiB, generated code 2.0 KiB" in caplog.text
+    assert "total 3.50 GiB" in caplog.text
+    assert loop.log_memory_analysis(_Compiled(None)) is None  # backends without an analysis
+    assert loop.log_memory_analysis(_Compiled(NotImplementedError("no"))) is None
+    assert caplog.text.count("memory analysis: not available") == 2
+    real = jax.jit(lambda x: x @ x).lower(jnp.ones((64, 64))).compile()
+    sizes = loop.log_memory_analysis(real)
+    assert sizes is None or sizes["arguments"] == 64 * 64 * 4
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))
