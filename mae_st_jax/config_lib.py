@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
         interpolate_pos_embed=True,  # resize init_from's pos-embeds when the token grid differs
         rand_augment="rand-m7-mstd0.5-inc1",  # timm-style spec, one draw per clip ('' = off)
         reprob=0.25,  # random erasing (one box per clip, all frames, N(0, 1) pixels after normalising)
-        linear_probe=False,  # True: frozen encoder, only the final norm and the head train
+        linear_probe=False,  # True: frozen encoder (no drop path, no erasing), only the final norm and head train
     ))
     # mode "evaluate": the multi-view test of config.init_from (or of the fine-tuning run in workdir)
     c.test = ml_collections.ConfigDict(dict(

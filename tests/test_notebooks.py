@@ -16,6 +16,10 @@ NOTEBOOKS = sorted((ROOT / "colabs").glob("*.ipynb"))
 EXPECTED_FILES = {
     "reconstruction.ipynb": ["reconstruction.png", "reconstruction.gif", "reconstruction_figure.png",
                              "pretrain/model.json"],
+    "finetune_and_features.ipynb": ["features_pca.png", "finetune_curves.png", "pretrain/model.json",
+                                    "linear_probe/metrics.jsonl", "finetune_pretrained/metrics.jsonl",
+                                    "finetune_scratch/metrics.jsonl", "finetune_pretrained/eval/results.json",
+                                    "finetune_pretrained/eval/predictions.csv"],
 }
 KERNEL = "mae_st_jax_test"
 
@@ -32,6 +36,7 @@ def _kernel_manager(spec_dir: pathlib.Path) -> KernelManager:
 
 def test_notebooks_exist():
     assert (ROOT / "colabs" / "reconstruction.ipynb") in NOTEBOOKS
+    assert (ROOT / "colabs" / "finetune_and_features.ipynb") in NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

@@ -20,7 +20,8 @@ def classifier_kwargs(config) -> dict:
     """VideoClassifier arguments: config.model's encoder fields (the MAE-only ones dropped) and the head's."""
     f = config.finetune
     encoder = {k: v for k, v in config.model.to_dict().items() if k in ENCODER_KEYS}
-    return dict(encoder, num_classes=config.data.num_classes, drop_path_rate=f.drop_path_rate,
+    probe = bool(f.get("linear_probe", False))  # a frozen encoder runs without stochastic depth
+    return dict(encoder, num_classes=config.data.num_classes, drop_path_rate=0.0 if probe else f.drop_path_rate,
                 dropout_rate=f.dropout_rate, head_init_std=f.head_init_std)
 
 

@@ -22,7 +22,8 @@ def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
     micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
     seed, nan_step = config.seed, config.debug.inject_nan_at_step
 
-    reprob, probe = float(f.get("reprob", 0.0)), bool(f.get("linear_probe", False))
+    probe = bool(f.get("linear_probe", False))
+    reprob = 0.0 if probe else float(f.get("reprob", 0.0))  # a probe sees clean features (no erasing)
 
     def loss_fn(params, batch, key):  # one micro-batch; its own erase, mix and drop-path/dropout keys
         key_erase, key_mix, key_model = jax.random.split(key, 3)
