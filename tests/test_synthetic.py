@@ -126,3 +126,25 @@ def test_errors():
     for bad in ([-1], [0, 20], np.array([0.0, 1.0]), np.zeros((2, 2), np.int64)):
         with pytest.raises(ValueError):
             ds.frames(0, bad)
+
+
+def test_label_by_shape_and_direction_and_plain_background():
+    from mae_st_jax.data.synthetic import CLASSES, DIRECTIONS, SHAPES
+    kw = dict(num_videos=40, num_classes=16, num_frames=8, height=32, width=32, seed=5)
+    by_class = SyntheticVideos(**kw)
+    by_shape = SyntheticVideos(label_by="shape", **kw)
+    by_dir = SyntheticVideos(label_by="direction", **kw)
+    for i in range(40):
+        kind, direction = CLASSES[by_class.label(i)]
+        assert by_shape.label(i) == SHAPES.index(kind)
+        assert by_dir.label(i) == DIRECTIONS.index(direction)
+        np.testing.assert_array_equal(by_shape.frames(i, [0, 3]), by_class.frames(i, [0, 3]))  # same videos
+    assert sorted(set(by_shape.label(i) for i in range(40))) == [0, 1, 2, 3]
+    plain = SyntheticVideos(background="plain", radius=(0.1, 0.1), **kw)
+    frame = plain.frames(0, [0])[0].reshape(-1, 3)
+    colours, counts = np.unique(frame, axis=0, return_counts=True)
+    assert counts.max() > 0.8 * len(frame)  # one background colour covers most of the frame
+    with pytest.raises(ValueError, match="label_by"):
+        SyntheticVideos(label_by="colour", **kw)
+    with pytest.raises(ValueError, match="radius"):
+        SyntheticVideos(radius=(0.3, 0.1), **kw)

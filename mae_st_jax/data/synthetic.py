@@ -72,7 +72,7 @@ class SyntheticVideos:
     def __init__(self, num_videos: int, num_classes: int = 8, num_frames: int = 64, height: int = 64,
                  width: int = 64, fps: float = 30.0, seed: int = 0, num_distractors: int = 0,
                  radius: tuple[float, float] = (0.075, 0.15), speed: tuple[float, float] = (0.015, 0.04),
-                 label_by: str = "class"):
+                 label_by: str = "class", background: str = "gradient"):
         if num_videos < 1:
             raise ValueError(f"num_videos must be >= 1, got {num_videos}")
         if not 2 <= num_classes <= len(CLASSES):
@@ -96,6 +96,9 @@ class SyntheticVideos:
         if label_by not in LABEL_BY:
             raise ValueError(f"label_by must be one of {LABEL_BY}, got {label_by!r}")
         self.label_by = label_by
+        if background not in ("gradient", "plain"):
+            raise ValueError(f"background must be 'gradient' or 'plain', got {background!r}")
+        self.background = background
 
     def __len__(self) -> int:
         return self.num_videos
@@ -130,6 +133,8 @@ class SyntheticVideos:
         size = np.array([self.width, self.height], np.float64)
         bg0, bg1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         angle = rng.uniform(0, 2 * np.pi)
+        if self.background == "plain":  # one colour: the gradient's end colours made equal
+            bg1 = bg0
 
         def contrasting_color():
             seg = bg1 - bg0
@@ -199,6 +204,7 @@ def from_config(config, num_videos: int) -> SyntheticVideos:
     d, m = config.data, config.model
     return SyntheticVideos(num_videos=num_videos, num_classes=d.get("synthetic_classes", 0) or d.num_classes,
                            num_frames=d.video_frames, label_by=d.get("synthetic_label", "class"),
+                           background=d.get("synthetic_background", "gradient"),
                            height=m.img_size, width=m.img_size, fps=d.video_fps, seed=config.seed,
                            radius=tuple(d.get("synthetic_radius", (0.075, 0.15))),
                            speed=tuple(d.get("synthetic_speed", (0.015, 0.04))))
