@@ -1,5 +1,6 @@
 """Shared benchmark helpers (no TensorFlow): configs from flags, the FLOP model, timing, peaks."""
 
+import resource
 import statistics
 import time
 
@@ -59,8 +60,8 @@ def train_flops_per_clip(m, num_visible: int) -> float:
     return 6.0 * macs
 
 
-def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed: int = 0):
-    """Median seconds per step over `repeats` timings of `steps` steps each (after compile + warmup)."""
+def prepare_step(config, seed: int = 0):
+    """(compiled step, state, batch, compile seconds, memory analysis) on a synthetic uint8 batch."""
     mesh = shd.make_mesh(config.mesh)
     tx, schedule = optim.make_optimizer(config, config_lib.schedule_steps(config), config.warmup_steps)
     graphdef, state, state_sh = step_lib.create_state(
@@ -73,18 +74,45 @@ def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed:
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = compiled(state, batch)
+    return compiled, state, batch, compile_s, compiled.memory_analysis()
+
+
+class StepTimer:
+    """A compiled step and its (donated) state: `warm(n)` runs n steps, `time(steps)` returns
+    seconds per step over `steps` steps. Several timers can be interleaved in one process."""
+
+    def __init__(self, config, seed: int = 0):
+        self.compiled, self.state, self.batch, self.compile_s, self.memory = prepare_step(config, seed)
+        self.cpu_s, self.minflt = [], []
+
+    def _run(self, n: int):
+        metrics = None
+        for _ in range(n):
+            self.state, metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times), compile_s, memory
+
+    def warm(self, n: int = 2):
+        self._run(n)
+
+    def time(self, steps: int) -> float:
+        """Wall seconds per step; also appends this process's CPU seconds (user + system) and minor
+        page faults per step to self.cpu_s / self.minflt (a load-independent view of the cost)."""
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        self._run(steps)
+        wall = (time.perf_counter() - t0) / steps
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu_s.append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / steps)
+        self.minflt.append((r1.ru_minflt - r0.ru_minflt) / steps)
+        return wall
+
+
+def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed: int = 0):
+    """Median seconds per step over `repeats` timings of `steps` steps each (after compile + warmup)."""
+    timer = StepTimer(config, seed)
+    timer.warm(warmup)
+    times = [timer.time(steps) for _ in range(repeats)]
+    return statistics.median(times), timer.compile_s, timer.memory
 
 
 def peak_tflops(given: float) -> float | None:

@@ -7,6 +7,7 @@ Imports no TensorFlow: runs on a bare accelerator box with jax/flax/optax/orbax.
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import jax
@@ -31,11 +32,16 @@ def main():
     m = c.model
     grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
     visible = masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
-    step_s, compile_s, memory = common.time_steps(c, a.steps, repeats=a.repeats)
+    timer = common.StepTimer(c)
+    timer.warm(2)
+    times = [timer.time(a.steps) for _ in range(a.repeats)]
+    step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
     flops = common.train_flops_per_clip(m, visible)
     result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), **vars(a),
-              "median_step_s": step_s, "clips_per_s": a.batch / step_s, "train_tflop_per_clip": flops / 1e12,
-              "achieved_tflops": flops * a.batch / step_s / 1e12, "compile_s": compile_s}
+              "median_step_s": step_s, "clips_per_s": a.batch / step_s, "step_times_s": times,
+              "cpu_s_per_step": statistics.median(timer.cpu_s), "minflt_per_step": statistics.median(timer.minflt),
+              "train_tflop_per_clip": flops / 1e12, "achieved_tflops": flops * a.batch / step_s / 1e12,
+              "compile_s": compile_s}
     peak = common.peak_tflops(a.peak_tflops)
     if peak:
         result["mfu"] = result["achieved_tflops"] / peak

@@ -1,5 +1,7 @@
 """ViT building blocks for video: 3D patch embedding, pre-norm blocks, stacked-block runner, patchify."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -56,8 +58,96 @@ class PatchEmbed(nnx.Module):
         return out + self.proj.bias[...].astype(self.dtype)
 
 
+# Scores [c, N, N] in fp32 per loop step of `softmax_attention`: 2 MiB, about one core's L2 cache.
+ATTENTION_CHUNK_ELEMENTS = 1 << 19
+
+
+def _attention_chunk(groups: int, n: int) -> int:
+    """Largest divisor of `groups` (batch * heads) whose [c, n, n] scores fit ATTENTION_CHUNK_ELEMENTS."""
+    target = max(1, ATTENTION_CHUNK_ELEMENTS // (n * n))
+    return max(c for c in range(1, min(groups, target) + 1) if groups % c == 0)
+
+
+def _to_chunks(x: jax.Array, c: int) -> jax.Array:
+    """[B, N, heads, hd] -> [B * heads / c, c, N, hd] (chunks of c (sample, head) pairs)."""
+    b, n, h, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * h // c, c, n, d)
+
+
+def _from_chunks(x: jax.Array, shape) -> jax.Array:
+    b, n, h, d = shape
+    return x.reshape(b, h, n, d).transpose(0, 2, 1, 3)
+
+
+def _scores(q, k, scale):
+    """(q * scale, exp-able logits [c, N, N] in fp32)."""
+    qs = q * jnp.asarray(scale, q.dtype)
+    return qs, jnp.einsum("cqd,ckd->cqk", qs, k, preferred_element_type=jnp.float32)
+
+
+def _attention_chunk_fwd(q, k, v, scale):
+    """One chunk [c, N, hd]: (out, row max, 1 / row sum of exp). The softmax normalisation is
+    applied to the [N, hd] output rather than to the [N, N] probabilities."""
+    _, logits = _scores(q, k, scale)
+    row_max = jnp.max(logits, axis=-1)
+    e = jnp.exp(logits - row_max[..., None])
+    inv_sum = 1.0 / jnp.sum(e, axis=-1)
+    out = jnp.einsum("cqk,ckd->cqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out * inv_sum[..., None]).astype(q.dtype), row_max, inv_sum
+
+
+def _attention_chunk_bwd(q, k, v, row_max, inv_sum, out, g, scale):
+    # P = exp(S - max) / sum (rows); out = P v; dP = g v^T; dS = P * (dP - rowsum(P * dP)) with
+    # rowsum(P * dP) = g . out. With e = exp(S - max) and g' = g / sum per query row:
+    # dS = e * (g' v^T - g' . out), dv = e^T g', dq = dS k * scale, dk = dS^T (q * scale).
+    qs, logits = _scores(q, k, scale)  # recomputed: cheaper than keeping [N, N] per chunk
+    e = jnp.exp(logits - row_max[..., None])
+    g_scaled = g.astype(jnp.float32) * inv_sum[..., None]
+    delta = jnp.einsum("cqd,cqd->cq", g_scaled, out.astype(jnp.float32))
+    dv = jnp.einsum("cqk,cqd->ckd", e.astype(v.dtype), g_scaled.astype(v.dtype),
+                    preferred_element_type=jnp.float32)
+    dp = jnp.einsum("cqd,ckd->cqk", g_scaled.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    ds = (e * (dp - delta[..., None])).astype(q.dtype)
+    dq = jnp.einsum("cqk,ckd->cqd", ds, k, preferred_element_type=jnp.float32) * scale
+    dk = jnp.einsum("cqk,cqd->ckd", ds, qs, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def softmax_attention(q, k, v, scale):
+    """softmax(q k^T * scale) v for q, k, v [B, N, heads, hd], fp32 softmax, the same function as
+    the written-out attention: computed in chunks of (sample, head) pairs whose [N, N] scores stay
+    in cache, with a hand-written backward that recomputes the scores per chunk (flash-attention
+    style) instead of storing them. XLA:CPU runs the autodiff'd version as many memory-bound
+    passes over [B, heads, N, N]; this is several times faster there."""
+    return _softmax_attention_fwd(q, k, v, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, scale):
+    b, n, h, _ = q.shape
+    c = _attention_chunk(b * h, n)
+    qc, kc, vc = (_to_chunks(x, c) for x in (q, k, v))
+    out, row_max, inv_sum = jax.lax.map(lambda a: _attention_chunk_fwd(*a, scale), (qc, kc, vc))
+    return _from_chunks(out, q.shape), (qc, kc, vc, row_max, inv_sum, out)
+
+
+def _softmax_attention_bwd(scale, res, g):
+    qc, kc, vc, row_max, inv_sum, out = res
+    gc = _to_chunks(g, qc.shape[1])
+    grads = jax.lax.map(lambda a: _attention_chunk_bwd(*a, scale), (qc, kc, vc, row_max, inv_sum, out, gc))
+    return tuple(_from_chunks(x, g.shape) for x in grads)
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention with separate q, k, v projections (the reference's layout)."""
+    """Multi-head self-attention with separate q, k, v projections (the reference's layout).
+
+    attention_impl: '' picks `softmax_attention` on CPU and jax.nn.dot_product_attention's own
+    choice elsewhere; 'xla' / 'cudnn' force that implementation; 'reference' is the plain
+    written-out softmax (autodiff'd), kept as the numerical reference.
+    """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, attention_impl, dtype, param_dtype, rngs):
         if dim % num_heads:
@@ -77,9 +167,18 @@ class Attention(nnx.Module):
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * (d // self.num_heads) ** -0.5
             weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        elif self.attention_impl is None and jax.default_backend() == "cpu":
+            out = softmax_attention(q, k, v, (d // self.num_heads) ** -0.5)  # see its docstring
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         return self.proj(out.reshape(b, n, d))
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU written as x * (1 + erf(x / sqrt 2)) / 2, PyTorch's nn.GELU() formula.
+    jax.nn.gelu(approximate=False) computes the same function through erfc, which XLA:CPU
+    evaluates about twice as slowly."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class Mlp(nnx.Module):
@@ -90,7 +189,7 @@ class Mlp(nnx.Module):
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact (erf) GELU
+        return self.fc2(gelu_exact(self.fc1(x)))
 
 
 def layer_norm(dim: int, param_dtype, rngs) -> nnx.LayerNorm:

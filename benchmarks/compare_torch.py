@@ -1,0 +1,122 @@
+"""Our pre-training step vs the PyTorch reference's, interleaved in one sitting on this machine.
+
+python benchmarks/compare_torch.py --ref_dir=/path/to/mae_st --shim_dir=/path/to/shim \
+    --size=vit_b --frames=16 --img=112 --batch=4 --mask_ratio=0.9 --rounds=2 --threads=2
+
+Alternates `benchmarks/train_step.py` (ours, JAX) and `benchmarks/torch_reference.py` (the
+reference's model code and training step) as subprocesses, round r running ours then the reference
+when r is even and the reference then ours when odd, records the 1-minute load average around
+each run, and prints every run's clips/s with the medians and their ratio as JSON. Same model
+config (decoder 512 x 4, t_patch 2, pred_t_dim = frames / 2, norm_pix_loss, sep pos-embed and cls
+token), same batch, fp32, AdamW with the same weight-decay groups, gradient clipping 0.02 on both.
+With --malloc_env both run with the same glibc malloc settings. Both get the same cores: torch.set_num_threads(threads), and, where the machine has more than
+`threads` cores, both processes are pinned to cores 0..threads-1 with taskset (XLA:CPU sizes its
+thread pool from the cores the process may use).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# glibc: one arena (worker threads' large blocks otherwise always come from fresh mmaps), no mmap,
+# no trimming: freed temporaries are reused without page faults (see --malloc_env)
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+
+
+def parse_json(stdout: str) -> dict:
+    start = stdout.index("\n{") + 1 if not stdout.startswith("{") else 0
+    return json.loads(stdout[start:])
+
+
+def cpu_ticks():
+    """(busy, steal, total) jiffies of all cores from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    steal = v[7] if len(v) > 7 else 0
+    return sum(v[:8]) - idle - steal, steal, sum(v[:8])
+
+
+def run(cmd, env=None) -> tuple[dict, dict]:
+    info = {"load_before": os.getloadavg()[0]}
+    ticks0 = cpu_ticks()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    info["wall_s"] = round(time.perf_counter() - t0, 1)
+    info["load_after"] = os.getloadavg()[0]
+    ticks1 = cpu_ticks()
+    if ticks0 and ticks1:  # whole-machine busy and hypervisor-steal fractions while it ran
+        total = max(ticks1[2] - ticks0[2], 1)
+        info["cpu_busy_frac"] = round((ticks1[0] - ticks0[0]) / total, 3)
+        info["cpu_steal_frac"] = round((ticks1[1] - ticks0[1]) / total, 3)
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return parse_json(proc.stdout), info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ref_dir", required=True)
+    ap.add_argument("--shim_dir", default="")
+    ap.add_argument("--size", default="vit_b")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--img", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--mask_ratio", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat (both)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per run; each run reports their median")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each, interleaved")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", type=float, default=1.3, help="the ratio to report pass/fail against")
+    ap.add_argument("--malloc_env", action="store_true",
+                    help="run both with glibc malloc tunables that keep freed memory for reuse instead of "
+                         "unmapping it (%s): removes most per-step page faults from both" % " ".join(
+                             f"{k}={v}" for k, v in MALLOC_ENV.items()))
+    a = ap.parse_args()
+
+    clip = ["--size", a.size, "--frames", str(a.frames), "--img", str(a.img), "--batch", str(a.batch),
+            "--mask_ratio", str(a.mask_ratio), "--steps", str(a.steps), "--repeats", str(a.repeats)]
+    pin = []
+    if (os.cpu_count() or 1) > a.threads and shutil.which("taskset"):
+        pin = ["taskset", "-c", f"0-{a.threads - 1}"]
+    ours = pin + [sys.executable, os.path.join(HERE, "train_step.py"), "--dtype", "float32"] + clip
+    ref = pin + [sys.executable, os.path.join(HERE, "torch_reference.py"), "--ref_dir", a.ref_dir,
+                 "--threads", str(a.threads)] + (["--shim_dir", a.shim_dir] if a.shim_dir else []) + clip
+    env = dict(os.environ, **MALLOC_ENV) if a.malloc_env else None
+    runs = {"ours": [], "reference": []}
+    for r in range(a.rounds):
+        order = (("ours", ours), ("reference", ref)) if r % 2 == 0 else (("reference", ref), ("ours", ours))
+        for name, cmd in order:
+            out, info = run(cmd, env)
+            runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["median_step_s"],
+                               "cpu_s_per_step": out.get("cpu_s_per_step"),
+                               "minflt_per_step": out.get("minflt_per_step"), **info})
+            print(f"round {r} {name:9s} {out['clips_per_s']:.3f} clips/s ({out['median_step_s']:.3f} s/step)"
+                  f"  load {info['load_before']:.2f} -> {info['load_after']:.2f}"
+                  f"  steal {info.get('cpu_steal_frac', float('nan')):.3f}", file=sys.stderr, flush=True)
+    med = {k: statistics.median(x["clips_per_s"] for x in v) for k, v in runs.items()}
+    ratio = med["ours"] / med["reference"]
+    # CPU seconds per clip (user + system of the benchmark process): less sensitive to other load
+    cpu = {k: statistics.median(x["cpu_s_per_step"] / a.batch for x in v) for k, v in runs.items()}
+    prefix = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + " " if a.malloc_env else ""
+    result = {"config": {k: v for k, v in vars(a).items() if k not in ("ref_dir", "shim_dir")},
+              "cpus": os.cpu_count(),
+              "commands": {"ours": prefix + " ".join(ours), "reference": prefix + " ".join(ref)},
+              "runs": runs, "median_clips_per_s": med, "ratio_ours_over_reference": ratio,
+              "median_cpu_s_per_clip": cpu, "cpu_ratio_reference_over_ours": cpu["reference"] / cpu["ours"],
+              "target": a.target, "meets_target": ratio >= a.target}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
