@@ -136,3 +136,13 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     from orbax.checkpoint import multihost
     key = f"mae_st_jax/{name.replace(' ', '_')}/{next(_barrier_ids)}"  # barrier names must not repeat
     multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
+
+
+def define_flags() -> None:
+    """--coordinator_address / --num_processes / --process_id, for the CLIs that call initialize()."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", "", "Multi-host: process 0's host:port (with --num_processes and "
+                        "--process_id); empty: auto-detect Slurm / Cloud TPU pod / Open MPI, else one process.")
+    flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index in [0, num_processes).")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import functools
 import json
 import math
 import os
@@ -20,16 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mae_st_jax import config_lib
 from mae_st_jax.data import augment, pipeline, sampling, validation
 from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.train import checkpoint, sharding as shd, step as step_lib
-
-
-def num_views(config) -> int:
-    return config.test.temporal_views * config.test.spatial_views
 
 
 def video_views(source, index: int, config, temporal: int, spatial: int) -> tuple[np.ndarray, int]:
@@ -112,7 +108,7 @@ def average_views(logits: jax.Array) -> jax.Array:
 
 
 def view_batch_shardings(mesh) -> dict:
-    split = lambda ndim: NamedSharding(mesh, P(shd.BATCH_AXES, *([None] * (ndim - 1))))
+    split = functools.partial(shd.leading_batch_sharding, mesh)
     return {"video": split(6), "label": split(1), "valid": split(1)}
 
 

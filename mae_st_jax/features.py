@@ -123,11 +123,9 @@ def _define_flags():
     flags.DEFINE_integer("temporal_views", 1, "Uniformly spaced clips per video (features averaged).")
     flags.DEFINE_integer("spatial_views", 1, "1: centre crop; 3: left/centre/right crops.")
     flags.DEFINE_integer("max_videos", 0, "Only the first N videos (0: all).")
-    for name in ("coordinator_address", "num_processes", "process_id"):
-        if name not in flags.FLAGS:
-            kind = flags.DEFINE_string if name == "coordinator_address" else flags.DEFINE_integer
-            kind(name, "" if name == "coordinator_address" else (0 if name == "num_processes" else -1),
-                 "jax.distributed (see mae_st_jax.main).")
+    from mae_st_jax import distributed
+
+    distributed.define_flags()
     flags.mark_flags_as_required(["config", "init_from", "output_dir"])
 
 

@@ -13,10 +13,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:vit_l,k400.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and figures.")
-flags.DEFINE_string("coordinator_address", "", "Multi-host: process 0's host:port (with --num_processes and "
-                    "--process_id); empty: auto-detect Slurm / Cloud TPU pod / Open MPI, else one process.")
-flags.DEFINE_integer("num_processes", 0, "Multi-host: number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", -1, "Multi-host: this process's index in [0, num_processes).")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 

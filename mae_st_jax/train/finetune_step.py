@@ -52,7 +52,7 @@ def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
 
 def eval_batch_shardings(mesh) -> dict:
     """Eval batches are [b, ...] (no accumulation axis), split over data x fsdp."""
-    split = lambda ndim: NamedSharding(mesh, P(shd.BATCH_AXES, *([None] * (ndim - 1))))
+    split = functools.partial(shd.leading_batch_sharding, mesh)
     return {"video": split(5), "label": split(1), "valid": split(1)}
 
 

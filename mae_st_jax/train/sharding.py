@@ -37,6 +37,11 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
 
 
+def leading_batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """For arrays laid out [batch, ...] (no accumulation axis): split the batch over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
