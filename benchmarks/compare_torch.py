@@ -9,7 +9,8 @@ when r is even and the reference then ours when odd, records the 1-minute load a
 each run, and prints every run's clips/s with the medians and their ratio as JSON. Same model
 config (decoder 512 x 4, t_patch 2, pred_t_dim = frames / 2, norm_pix_loss, sep pos-embed and cls
 token), same batch, fp32, AdamW with the same weight-decay groups, gradient clipping 0.02 on both.
-With --malloc_env both run with the same glibc malloc settings. Both get the same cores: torch.set_num_threads(threads), and, where the machine has more than
+--variants picks what runs: ours and the reference as shipped, the reference with our glibc malloc
+settings (reference_malloc), ours without them (ours_plain_malloc). All get the same cores: torch.set_num_threads(threads), and, where the machine has more than
 `threads` cores, both processes are pinned to cores 0..threads-1 with taskset (XLA:CPU sizes its
 thread pool from the cores the process may use).
 """
@@ -24,9 +25,18 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repo root
+from mae_st_jax import host_malloc  # noqa: E402
+
 # glibc: one arena (worker threads' large blocks otherwise always come from fresh mmaps), no mmap,
-# no trimming: freed temporaries are reused without page faults (see --malloc_env)
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+# no trimming: freed temporaries are reused without page faults. Our entry points set these
+# themselves on CPU-only machines (mae_st_jax/host_malloc.py); the reference does not.
+MALLOC_ENV = dict(host_malloc.SETTINGS)
+# name -> (which script, extra environment). "ours" and "reference" run as shipped;
+# "reference_malloc" gives the reference our malloc settings; "ours_plain_malloc" turns ours off.
+VARIANTS = {"ours": ("ours", {}), "reference": ("reference", {}),
+            "reference_malloc": ("reference", MALLOC_ENV),
+            "ours_plain_malloc": ("ours", {host_malloc.OPT_OUT: "0"})}
 
 
 def parse_json(stdout: str) -> dict:
@@ -78,10 +88,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="runs of each, interleaved")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", type=float, default=1.3, help="the ratio to report pass/fail against")
-    ap.add_argument("--malloc_env", action="store_true",
-                    help="run both with glibc malloc tunables that keep freed memory for reuse instead of "
-                         "unmapping it (%s): removes most per-step page faults from both" % " ".join(
-                             f"{k}={v}" for k, v in MALLOC_ENV.items()))
+    ap.add_argument("--variants", default="ours,reference,reference_malloc",
+                    help="comma-separated, from %s; the first two are the ratio's numerator and "
+                         "denominator, every other one is also reported against the first" % sorted(VARIANTS))
     a = ap.parse_args()
 
     clip = ["--size", a.size, "--frames", str(a.frames), "--img", str(a.img), "--batch", str(a.batch),
@@ -92,29 +101,40 @@ def main():
     ours = pin + [sys.executable, os.path.join(HERE, "train_step.py"), "--dtype", "float32"] + clip
     ref = pin + [sys.executable, os.path.join(HERE, "torch_reference.py"), "--ref_dir", a.ref_dir,
                  "--threads", str(a.threads)] + (["--shim_dir", a.shim_dir] if a.shim_dir else []) + clip
-    env = dict(os.environ, **MALLOC_ENV) if a.malloc_env else None
-    runs = {"ours": [], "reference": []}
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or len(names) < 2 or len(set(names)) != len(names):
+        sys.exit(f"--variants: give at least two distinct names from {sorted(VARIANTS)}, got {a.variants!r}")
+    commands = {"ours": ours, "reference": ref}
+    runs = {n: [] for n in names}
     for r in range(a.rounds):
-        order = (("ours", ours), ("reference", ref)) if r % 2 == 0 else (("reference", ref), ("ours", ours))
-        for name, cmd in order:
-            out, info = run(cmd, env)
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            script, extra_env = VARIANTS[name]
+            out, info = run(commands[script], dict(os.environ, **extra_env))
             runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["median_step_s"],
                                "cpu_s_per_step": out.get("cpu_s_per_step"),
                                "minflt_per_step": out.get("minflt_per_step"), **info})
-            print(f"round {r} {name:9s} {out['clips_per_s']:.3f} clips/s ({out['median_step_s']:.3f} s/step)"
-                  f"  load {info['load_before']:.2f} -> {info['load_after']:.2f}"
-                  f"  steal {info.get('cpu_steal_frac', float('nan')):.3f}", file=sys.stderr, flush=True)
+            print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({out['median_step_s']:.3f} s/step)"
+                  f"  faults/step {out.get('minflt_per_step')}  load {info['load_before']:.2f} -> "
+                  f"{info['load_after']:.2f}  steal {info.get('cpu_steal_frac', float('nan')):.3f}",
+                  file=sys.stderr, flush=True)
     med = {k: statistics.median(x["clips_per_s"] for x in v) for k, v in runs.items()}
-    ratio = med["ours"] / med["reference"]
+    first = names[0]
+    ratios = {f"{first}/{n}": med[first] / med[n] for n in names[1:]}
+    ratio = med[first] / med[names[1]]
     # CPU seconds per clip (user + system of the benchmark process): less sensitive to other load
     cpu = {k: statistics.median(x["cpu_s_per_step"] / a.batch for x in v) for k, v in runs.items()}
-    prefix = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()) + " " if a.malloc_env else ""
+
+    def shown(name):
+        script, extra_env = VARIANTS[name]
+        return " ".join([f"{k}={v}" for k, v in extra_env.items()] + commands[script])
+
     result = {"config": {k: v for k, v in vars(a).items() if k not in ("ref_dir", "shim_dir")},
-              "cpus": os.cpu_count(),
-              "commands": {"ours": prefix + " ".join(ours), "reference": prefix + " ".join(ref)},
-              "runs": runs, "median_clips_per_s": med, "ratio_ours_over_reference": ratio,
-              "median_cpu_s_per_clip": cpu, "cpu_ratio_reference_over_ours": cpu["reference"] / cpu["ours"],
-              "target": a.target, "meets_target": ratio >= a.target}
+              "cpus": os.cpu_count(), "commands": {n: shown(n) for n in names},
+              "runs": runs, "median_clips_per_s": med, "ratios": ratios,
+              "ratio": {"of": f"{first}/{names[1]}", "value": ratio},
+              "median_cpu_s_per_clip": cpu, "target": a.target, "meets_target": ratio >= a.target}
     print(json.dumps(result, indent=1))
 
 

@@ -12,9 +12,14 @@ import os
 import statistics
 import sys
 
-import jax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from mae_st_jax import host_malloc  # noqa: E402
+
+if __name__ == "__main__":  # the settings `python -m mae_st_jax.main` runs with
+    host_malloc.reexec()
+
+import jax  # noqa: E402
+
 from mae_st_jax import masking  # noqa: E402
 from benchmarks import common  # noqa: E402
 

@@ -10,9 +10,14 @@ import os
 import statistics
 import sys
 
-import jax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from mae_st_jax import host_malloc  # noqa: E402
+
+if __name__ == "__main__":  # the settings `python -m mae_st_jax.main` runs with
+    host_malloc.reexec()
+
+import jax  # noqa: E402
+
 from mae_st_jax import masking  # noqa: E402
 from benchmarks import common  # noqa: E402
 
@@ -41,7 +46,8 @@ def main():
               "median_step_s": step_s, "clips_per_s": a.batch / step_s, "step_times_s": times,
               "cpu_s_per_step": statistics.median(timer.cpu_s), "minflt_per_step": statistics.median(timer.minflt),
               "train_tflop_per_clip": flops / 1e12, "achieved_tflops": flops * a.batch / step_s / 1e12,
-              "compile_s": compile_s}
+              "compile_s": compile_s,
+              "host_malloc": {k: os.environ[k] for k in host_malloc.SETTINGS if k in os.environ}}
     peak = common.peak_tflops(a.peak_tflops)
     if peak:
         result["mfu"] = result["achieved_tflops"] / peak

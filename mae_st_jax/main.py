@@ -3,11 +3,15 @@
 import logging as pylogging
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # before JAX starts; on CPU-only hosts this may re-execute the command once
+    from mae_st_jax import host_malloc
+    host_malloc.reexec()
 
-from mae_st_jax import config_lib, distributed
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mae_st_jax import config_lib, distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:vit_l,k400.",

@@ -261,3 +261,39 @@ def test_optimizer_uses_warmup():
     updates, _ = tx.update(jax.tree.map(jnp.asarray, toy_grads(1, 1.0)), tx.init(params), params)
     for u in jax.tree.leaves(updates):  # lr 0 at step 0: nothing moves
         np.testing.assert_array_equal(np.asarray(u), 0)
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_fused_adamw_equals_the_optax_chain(clip):
+    """optim.adamw (one pass per parameter) == optax's clip -> adam -> masked decay -> lr scales -> lr,
+    over 3 steps (clipped and not), with per-parameter lr scales; passing the precomputed global
+    norm changes nothing."""
+    config = toy_config(True, clip=clip)
+    schedule = optim.warmup_cosine(2e-2, 1, 10, 0.0)
+    params = jax.tree.map(jnp.asarray, toy_params())
+    scales = jax.tree.map(lambda p: np.float32(0.5 + p.size % 3), toy_params())
+    o = config.optim
+    parts = ([optax.clip_by_global_norm(clip)] if clip else []) + [
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.add_decayed_weights(o.weight_decay, mask=lambda p: optim.decay_mask(p, True)),
+        optax.GradientTransformation(lambda _: optax.EmptyState(),
+                                     lambda u, s, p=None: (jax.tree.map(lambda a, b: a * b, u, scales), s)),
+        optax.scale_by_learning_rate(schedule)]
+    chain = optax.chain(*parts)
+    fused = optim.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_grad=clip,
+                        decay_tokens=True, lr_scales=scales)
+    runs = []
+    for tx, with_norm in ((chain, False), (fused, False), (fused, True)):
+        p, state = params, tx.init(params)
+        for i, size in enumerate((1.0, 0.01, 3.0)):
+            g = jax.tree.map(jnp.asarray, toy_grads(i + 1, size))
+            extra = {"grad_norm": optax.global_norm(g)} if with_norm else {}
+            u, state = tx.update(g, state, p, **extra)
+            p = optax.apply_updates(p, u)
+        runs.append(p)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(params)))
+    assert moved > 1e-3
+    for a, b, c in zip(*(jax.tree.leaves(r) for r in runs)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=1e-8)
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
+    assert int(state.count) == 3

@@ -52,7 +52,7 @@ def test_sharded_step_matches_single_device(tiny_config, mesh, param_sharding, a
         q = state["params"]["blocks"]["attn"]["q"]["kernel"]  # [depth, E, E]
         fsdp = tiny_config.mesh.fsdp
         assert q.addressable_shards[0].data.size * fsdp == q.size
-        mu = state["opt_state"][1].mu["blocks"]["attn"]["q"]["kernel"]
+        mu = state["opt_state"].mu["blocks"]["attn"]["q"]["kernel"]
         assert mu.addressable_shards[0].data.size * fsdp == mu.size
 
 

@@ -81,7 +81,10 @@ def apply_gradients(state, loss, grads, tx, schedule, skip_nonfinite: bool):
     unchanged (and is counted) when `skip_nonfinite`, else the loop stops on `finite`."""
     grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    if isinstance(tx, optax.GradientTransformationExtraArgs):  # ours (optim.adamw): reuse the norm
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm)
+    else:
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
     if skip_nonfinite:
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
