@@ -110,7 +110,9 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
     if not fresh:
         restored, step = restore_newest(mgr, step_lib.abstract_with_shardings(state, state_sh))
         if restored is None:
-            raise RuntimeError(f"no checkpoint in {mgr.directory} can be restored: move it away to start afresh")
+            raise RuntimeError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
+                               "warnings above say why: another model size or config, or an older mae_st_jax "
+                               "whose optimizer state differs): move it away to start afresh")
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:
