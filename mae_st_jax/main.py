@@ -44,13 +44,17 @@ def main(argv):
         config_lib.validate(config, jax.device_count(), jax.process_count())
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
-    if config.mode == "pretrain":
-        from mae_st_jax.train import pretrain
-        pretrain.train(config, FLAGS.workdir)
-    elif config.mode == "finetune":
-        from mae_st_jax.train import finetune
-        finetune.train(config, FLAGS.workdir)
-    elif config.mode == "evaluate":
+    from mae_st_jax.train import loop
+    try:
+        if config.mode == "pretrain":
+            from mae_st_jax.train import pretrain
+            pretrain.train(config, FLAGS.workdir)
+        elif config.mode == "finetune":
+            from mae_st_jax.train import finetune
+            finetune.train(config, FLAGS.workdir)
+    except loop.RestoreError as e:
+        sys.exit(f"resume: {e}")
+    if config.mode == "evaluate":
         from mae_st_jax import evaluate
         try:
             evaluate.run(config, FLAGS.workdir)

@@ -217,3 +217,17 @@ def test_too_many_corrupt_records_stop_the_run(tiny_config, tmp_path):
     tiny_config.total_steps = 6
     with pytest.raises(RuntimeError, match="max_skip_fraction=0.1"):
         pretrain.train(tiny_config, str(tmp_path / "run"))
+
+
+def test_resuming_a_workdir_of_another_model_size_exits_with_one_line(tmp_path):
+    first = _main(tmp_path, "--config.total_steps=2", "--config.checkpoint_every_steps=2")
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+    steps = sorted(os.listdir(tmp_path / "checkpoints"))
+    # the same workdir with a wider model: the checkpoint exists but does not fit the train state
+    other = _main(tmp_path, "--config.total_steps=4", "--config.model.embed_dim=64")
+    out = other.stdout.read()
+    assert other.wait(timeout=600) == 1
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"resume: no checkpoint in {tmp_path / 'checkpoints'} can be restored"), out[-2000:]
+    assert "Traceback" not in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == steps  # nothing deleted or overwritten

@@ -87,6 +87,10 @@ def restore_newest(mgr, abstract_state):
     return None, None
 
 
+class RestoreError(RuntimeError):
+    """A workdir holds checkpoints, but none of them fits this run's train state."""
+
+
 def _tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -110,7 +114,8 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
     if not fresh:
         restored, step = restore_newest(mgr, step_lib.abstract_with_shardings(state, state_sh))
         if restored is None:
-            raise RuntimeError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
+            mgr.close()  # Orbax's background threads otherwise print tracebacks as the process exits
+            raise RestoreError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
                                "warnings above say why: another model size or config, or an older mae_st_jax "
                                "whose optimizer state differs): move it away to start afresh")
         state, start = restored, int(jax.device_get(restored["step"]))
