@@ -227,7 +227,10 @@ def test_resuming_a_workdir_of_another_model_size_exits_with_one_line(tmp_path):
     other = _main(tmp_path, "--config.total_steps=4", "--config.model.embed_dim=64")
     out = other.stdout.read()
     assert other.wait(timeout=600) == 1
-    last = out.strip().splitlines()[-1]
-    assert last.startswith(f"resume: no checkpoint in {tmp_path / 'checkpoints'} can be restored"), out[-2000:]
-    assert "Traceback" not in out
+    # our own error is one line; Orbax's restore threads may still print asyncio "Event loop is
+    # closed" tracebacks around it (library noise, timing-dependent), but none from our code
+    lines = out.splitlines()
+    want = f"resume: no checkpoint in {tmp_path / 'checkpoints'} can be restored into this run's state"
+    assert sum(line.startswith(want) for line in lines) == 1, out[-3000:]
+    assert not [line for line in lines if "mae_st_jax" in line and line.strip().startswith("File ")], out[-3000:]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == steps  # nothing deleted or overwritten
