@@ -108,11 +108,11 @@ class StepTimer:
 
 
 def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed: int = 0):
-    """Median seconds per step over `repeats` timings of `steps` steps each (after compile + warmup)."""
+    """(seconds per step of each of `repeats` timings of `steps` steps, after compile + warmup; the
+    StepTimer, which holds compile time, memory analysis and CPU seconds / page faults per timing)."""
     timer = StepTimer(config, seed)
     timer.warm(warmup)
-    times = [timer.time(steps) for _ in range(repeats)]
-    return statistics.median(times), timer.compile_s, timer.memory
+    return [timer.time(steps) for _ in range(repeats)], timer
 
 
 def peak_tflops(given: float) -> float | None:

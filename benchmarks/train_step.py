@@ -37,9 +37,7 @@ def main():
     m = c.model
     grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
     visible = masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
-    timer = common.StepTimer(c)
-    timer.warm(2)
-    times = [timer.time(a.steps) for _ in range(a.repeats)]
+    times, timer = common.time_steps(c, a.steps, repeats=a.repeats)
     step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
     flops = common.train_flops_per_clip(m, visible)
     result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), **vars(a),

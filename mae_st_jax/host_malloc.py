@@ -11,8 +11,8 @@ move XLA's block out of mmap here), so the command-line entry points call `reexe
 the process runs on CPU only and the settings are missing, it re-executes itself with them set in
 the environment. It does nothing on machines with a GPU or TPU (one arena would make the host
 input pipeline's threads contend for the allocator there), off glibc, in interactive sessions and
-notebooks, with MAE_ST_HOST_MALLOC=0, or when any of these variables is already set. Memory freed by a run is kept by the process, not returned
-to the system, until the process exits.
+notebooks, with MAE_ST_HOST_MALLOC=0, or when any of these variables is already set. Memory freed
+by a run is kept by the process, not returned to the system, until the process exits.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
     if not fresh:
         restored, step = restore_newest(mgr, step_lib.abstract_with_shardings(state, state_sh))
         if restored is None:
-            mgr.close()  # Orbax's background threads otherwise print tracebacks as the process exits
+            mgr.close()  # stop Orbax's threads before the error propagates (its restore threads
+            # may still print asyncio 'Event loop is closed' tracebacks: seen in CI, harmless)
             raise RestoreError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
                                "warnings above say why: another model size or config, or an older mae_st_jax "
                                "whose optimizer state differs): move it away to start afresh")
