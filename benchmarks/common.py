@@ -1,5 +1,6 @@
 """Shared benchmark helpers (no TensorFlow): configs from flags, the FLOP model, timing, peaks."""
 
+import ast
 import resource
 import statistics
 import time
@@ -25,6 +26,29 @@ def add_clip_args(ap) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--mask_ratio", type=float, default=0.9)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any config override, e.g. --set=model.scan_layers=True (repeatable)")
+
+
+def apply_overrides(config, overrides) -> None:
+    """`FIELD=VALUE` strings onto the config (VALUE parsed as a Python literal, else a string),
+    then the same validation `python -m mae_st_jax.main` runs."""
+    for item in overrides:
+        field, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *parents, leaf = field.split(".")
+        node = config
+        for name in parents:
+            node = node.get(name) if hasattr(node, "get") else None
+        if node is None or not hasattr(node, "keys") or leaf not in node:
+            raise SystemExit(f"--set: the config has no field {field!r}")
+        node[leaf] = value
+    config_lib.validate(config, jax.device_count(), jax.process_count())
 
 
 def make_config(size: str, frames: int, img: int, batch: int, mask_ratio: float, dtype: str,
@@ -33,6 +57,7 @@ def make_config(size: str, frames: int, img: int, batch: int, mask_ratio: float,
     c.model.update(model_kwargs(size), num_frames=frames, img_size=img, pred_t_dim=frames // 2,
                    mask_ratio=mask_ratio, dtype=dtype, remat=remat, attention_impl=attention_impl)
     c.batch_size = batch
+    c.data.repeat_aug = 1  # synthetic batches: only the step is timed
     c.total_steps = 1000
     c.warmup_steps = 10
     c.mesh.update(data=-1, fsdp=fsdp)

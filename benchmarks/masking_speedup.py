@@ -34,6 +34,7 @@ def main():
     runs = {}
     for name, ratio in (("masked", a.mask_ratio), ("all_tokens", 1e-9)):
         c = common.make_config(a.size, a.frames, a.img, a.batch, ratio, a.dtype)
+        common.apply_overrides(c, a.set)
         m = c.model
         grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
         visible = masking.num_visible("random", grid, ratio)

@@ -30,16 +30,25 @@ def main():
     ap.add_argument("--fsdp", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile_dir", default="", help="after timing, trace 3 more steps there (jax.profiler)")
+    ap.add_argument("--hlo_file", default="", help="write the compiled step's optimized HLO text there")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak x devices; 0 = known table")
     a = ap.parse_args()
     c = common.make_config(a.size, a.frames, a.img, a.batch, a.mask_ratio, a.dtype, a.remat, a.attention_impl,
                            a.fsdp)
+    common.apply_overrides(c, a.set)
     m = c.model
     grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
     visible = masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
     times, timer = common.time_steps(c, a.steps, repeats=a.repeats)
     step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
     flops = common.train_flops_per_clip(m, visible)
+    if a.hlo_file:
+        with open(a.hlo_file, "w") as f:
+            f.write(timer.compiled.as_text())
+    if a.profile_dir:
+        with jax.profiler.trace(a.profile_dir):
+            timer.warm(3)
     result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), **vars(a),
               "median_step_s": step_s, "clips_per_s": a.batch / step_s, "step_times_s": times,
               "cpu_s_per_step": statistics.median(timer.cpu_s), "minflt_per_step": statistics.median(timer.minflt),

@@ -27,3 +27,39 @@ def test_train_flops_match_reference_table(size, ratio, visible, expected, tol):
     tflop = common.train_flops_per_clip(c.model, visible) / 1e12
     assert tflop == pytest.approx(expected, rel=tol)
     assert tflop <= expected * 1.001  # never more than the reference's count
+
+
+def test_overrides_set_fields_and_validate():
+    from benchmarks import common
+    from mae_st_jax import config_lib
+    c = common.make_config("vit_s", 4, 64, 8, 0.5, "float32")  # 8 fake devices (conftest)
+    common.apply_overrides(c, ["model.scan_layers=True", "model.remat=dots", "optim.clip_grad=0.5"])
+    assert c.model.scan_layers is True and c.model.remat == "dots" and c.optim.clip_grad == 0.5
+    with pytest.raises(SystemExit, match="no field 'model.bogus'"):
+        common.apply_overrides(c, ["model.bogus=1"])
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        common.apply_overrides(c, ["model.remat"])
+    with pytest.raises(config_lib.ConfigError, match="remat"):
+        common.apply_overrides(c, ["model.remat=sometimes"])
+
+
+def test_gpu_sweep_script_runs_variants_and_tabulates(tmp_path):
+    # the script the H100 numbers in the README came from, run on CPU with a tiny clip: each variant
+    # is one JSON line, an env word reaches the process, PROFILE brings back a trace and the HLO
+    import gzip
+    import json
+    import os
+    from conftest import ROOT
+    tiny = "--size=vit_s --frames=4 --img=64 --mask_ratio=0.5 --dtype=float32 --batch=2 --steps=1 --repeats=1"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "VARIANT_TIMEOUT": "300"}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on a bare box
+    r = subprocess.run(["bash", "benchmarks/gpu_sweep.sh", tiny, f"MAE_ST_HOST_MALLOC=0 {tiny} PROFILE",
+                        "--size=vit_bogus"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [row["variant"] for row in rows] == [tiny, f"MAE_ST_HOST_MALLOC=0 {tiny} PROFILE"], r.stdout + r.stderr
+    assert rows[0]["host_malloc"] and not rows[1]["host_malloc"]  # the env word reached the run
+    assert all(row["median_step_s"] > 0 and row["size"] == "vit_s" and row["batch"] == 2 for row in rows)
+    assert (tmp_path / "prof_2.xplane.pb").stat().st_size > 0
+    assert "HloModule" in gzip.open(tmp_path / "hlo_2.txt.gz", "rt").read(10000)
+    assert "failed" in r.stdout and "vit_bogus" in (tmp_path / "errors.log").read_text()
+    assert r.stdout.rstrip().splitlines()[-1].endswith(f"{tiny} PROFILE")  # the table comes last

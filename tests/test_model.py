@@ -519,3 +519,36 @@ def test_remat_and_scan_match_default():
         for k in flat0:  # within 1e-5 of the gradients' scale
             np.testing.assert_allclose(np.asarray(flat1[k]), np.asarray(flat0[k]), rtol=1e-5, atol=1e-5 * scale,
                                        err_msg=f"{kw} {k}")
+
+
+@pytest.mark.parametrize("n,multiple", [(13, 16), (157, 16), (16, 16), (9, 2)])
+def test_padded_attention_equals_unpadded(n, multiple):
+    # cudnn_attention pads N up to a multiple and masks the padding by sequence lengths; run with
+    # XLA's implementation (cuDNN needs a GPU) the values and all three gradients must equal plain
+    # attention on the unpadded sequence: no padded key gets weight, no padded query leaks gradient.
+    q, k, v, g = (jax.random.normal(s, (2, n, 4, 8)) for s in jax.random.split(jax.random.key(n), 4))
+
+    def value_and_grads(fn):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), (0, 1, 2))(q, k, v)
+
+    padded = value_and_grads(functools.partial(layers.cudnn_attention, multiple=multiple, implementation="xla"))
+    plain = value_and_grads(lambda *t: jax.nn.dot_product_attention(*t, implementation="xla"))
+    for got, want in zip(jax.tree.leaves(padded), jax.tree.leaves(plain)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = layers.cudnn_attention(q, k, v, multiple=multiple, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.einsum("bhqk,bkhd->bqhd", probs, v), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_impl_auto_on_cpu_is_the_chunked_softmax():
+    # '' must not route to cuDNN off NVIDIA GPUs; on CPU it is softmax_attention, equal to 'reference'
+    x = jax.random.normal(jax.random.key(3), (2, 13, 32))
+    auto = layers.Attention(32, 4, qkv_bias=True, attention_impl="", dtype=jnp.float32,
+                            param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    ref = layers.Attention(32, 4, qkv_bias=True, attention_impl="reference", dtype=jnp.float32,
+                           param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert not layers._on_cuda()
+    np.testing.assert_allclose(np.asarray(auto(x)), np.asarray(ref(x)), rtol=1e-5, atol=1e-6)

@@ -141,12 +141,39 @@ def _softmax_attention_bwd(scale, res, g):
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int = 16,
+                    implementation: str = "cudnn") -> jax.Array:
+    """cuDNN's fused (flash) attention for q, k, v [B, N, heads, hd] with any N: the sequence is
+    padded to a multiple of `multiple` and the padding masked out by sequence lengths (cuDNN
+    rejects odd lengths in training, and MAE-ST's are 1 + visible tokens, e.g. 157 and 1569).
+    Padded query rows are sliced off, so they get no gradient. On one H100 (ViT-L/16 MAE-ST
+    step, batch 32) this made the step 2.3x faster than XLA's attention, which materialises the
+    decoder's [B, 16, 1569, 1569] scores; padding to 16 or 64 timed the same. `implementation`
+    exists for tests of the padding on CPU ('xla')."""
+    n = q.shape[1]
+    pad = -n % multiple
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :n]
+
+
+def _on_cuda() -> bool:
+    return jax.default_backend() == "gpu" and "nvidia" in jax.devices()[0].device_kind.lower()
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q, k, v projections (the reference's layout).
 
-    attention_impl: '' picks `softmax_attention` on CPU and jax.nn.dot_product_attention's own
-    choice elsewhere; 'xla' / 'cudnn' force that implementation; 'reference' is the plain
-    written-out softmax (autodiff'd), kept as the numerical reference.
+    attention_impl: '' picks `softmax_attention` on CPU, `cudnn_attention` on NVIDIA GPUs with
+    bf16/fp16 inputs (falling back to XLA's where cuDNN refuses the shape) and
+    jax.nn.dot_product_attention's own choice elsewhere; 'xla' / 'cudnn' force that
+    implementation; 'reference' is the plain written-out softmax (autodiff'd), kept as the
+    numerical reference.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, attention_impl, dtype, param_dtype, rngs):
@@ -169,6 +196,13 @@ class Attention(nnx.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         elif self.attention_impl is None and jax.default_backend() == "cpu":
             out = softmax_attention(q, k, v, (d // self.num_heads) ** -0.5)  # see its docstring
+        elif self.attention_impl == "cudnn":
+            out = cudnn_attention(q, k, v)
+        elif self.attention_impl is None and q.dtype in (jnp.bfloat16, jnp.float16) and _on_cuda():
+            try:  # raised while tracing, where cuDNN's checks reject the shape or version
+                out = cudnn_attention(q, k, v)
+            except (NotImplementedError, RuntimeError):
+                out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
         return self.proj(out.reshape(b, n, d))
