@@ -9,7 +9,7 @@ from conftest import ROOT
 
 
 def test_benchmarks_import_no_tensorflow_or_clu():
-    code = ("import sys; import benchmarks.train_step, benchmarks.masking_speedup; "
+    code = ("import sys; import benchmarks.train_step, benchmarks.masking_speedup, benchmarks.attention; "
             "bad = [m for m in ('tensorflow', 'clu', 'tensorflow_datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
@@ -63,3 +63,21 @@ def test_gpu_sweep_script_runs_variants_and_tabulates(tmp_path):
     assert "HloModule" in gzip.open(tmp_path / "hlo_2.txt.gz", "rt").read(10000)
     assert "failed" in r.stdout and "vit_bogus" in (tmp_path / "errors.log").read_text()
     assert r.stdout.rstrip().splitlines()[-1].endswith(f"{tiny} PROFILE")  # the table comes last
+
+
+def test_attention_benchmark_checks_pallas_padding_on_cpu():
+    # benchmarks/attention.py pads for Pallas' block size and masks the padding with segment ids;
+    # in interpret mode on CPU its values and gradients must match XLA's attention (the script
+    # reports the relative errors), and cuDNN, absent here, is reported as an error row, not a crash
+    import json
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--batch=1", "--iters=1", "--dtype=float32",
+                        "--shapes=tiny:37:2:32", "--interpret", "--only=xla,pallas_64x64_bwd32,cudnn_pad16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["impl"]: row for row in (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))}
+    assert set(rows) == {"xla", "pallas_64x64_bwd32", "cudnn_pad16"}
+    assert len(rows["pallas_64x64_bwd32"]["rel_err"]) == 4  # value, dq, dk, dv
+    assert max(rows["pallas_64x64_bwd32"]["rel_err"]) < 1e-5
+    assert max(rows["xla"]["rel_err"]) == 0.0
+    assert "error" in rows["cudnn_pad16"]
