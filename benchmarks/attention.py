@@ -26,6 +26,9 @@ import jax.numpy as jnp  # noqa: E402
 from mae_st_jax.models import layers  # noqa: E402
 
 
+XLA = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+
+
 def pallas_mha(q, k, v, block_q, block_k, block_bwd, interpret=False):
     """Pallas' Triton flash attention for any N: padded to a multiple of the blocks, the padding in
     its own segment (so real tokens never attend to it), the padded rows sliced off."""
@@ -44,7 +47,7 @@ def pallas_mha(q, k, v, block_q, block_k, block_bwd, interpret=False):
 
 
 def implementations(interpret: bool):
-    impls = {"xla": functools.partial(jax.nn.dot_product_attention, implementation="xla"),
+    impls = {"xla": XLA,
              "cudnn_pad16": functools.partial(layers.cudnn_attention, multiple=16),
              "cudnn_pad64": functools.partial(layers.cudnn_attention, multiple=64)}
     for bq, bk, bb in ((128, 128, 32), (128, 64, 64), (64, 64, 32), (128, 128, 64)):
@@ -77,7 +80,7 @@ def main():
             loss = lambda q, k, v: jnp.sum(fn(*(t.astype(cast) for t in (q, k, v))).astype(jnp.float32) * g)
             return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
 
-        ref = value_and_grads(impls.get("xla", implementations(False)["xla"]), jnp.float32)(q, k, v)
+        ref = value_and_grads(XLA, jnp.float32)(q, k, v)
         flops = 3 * 4 * a.batch * heads * n * n * hd
         for impl, fn in impls.items():
             row = {"shape": name, "n": n, "heads": heads, "head_dim": hd, "batch": a.batch, "impl": impl}

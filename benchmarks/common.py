@@ -31,23 +31,29 @@ def add_clip_args(ap) -> None:
 
 
 def apply_overrides(config, overrides) -> None:
-    """`FIELD=VALUE` strings onto the config (VALUE parsed as a Python literal, else a string),
-    then the same validation `python -m mae_st_jax.main` runs."""
+    """`FIELD=VALUE` strings onto the config (VALUE parsed as a Python literal, else a string) through
+    ConfigDict's own dotted-field update, locked as main.py's config_flags locks it, so an unknown
+    field or a value of the wrong type is a one-line exit; then the validation main.py runs."""
+    values = {}
     for item in overrides:
         field, sep, raw = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
         try:
-            value = ast.literal_eval(raw)
+            values[field] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw
-        *parents, leaf = field.split(".")
-        node = config
-        for name in parents:
-            node = node.get(name) if hasattr(node, "get") else None
-        if node is None or not hasattr(node, "keys") or leaf not in node:
-            raise SystemExit(f"--set: the config has no field {field!r}")
-        node[leaf] = value
+            values[field] = raw
+    config.lock()
+    try:
+        for field, value in values.items():
+            try:
+                config.update_from_flattened_dict({field: value})
+            except (KeyError, AttributeError):
+                raise SystemExit(f"--set: the config has no field {field!r}") from None
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"--set {field}: {' '.join(str(e).split())[:200]}") from None
+    finally:
+        config.unlock()
     config_lib.validate(config, jax.device_count(), jax.process_count())
 
 

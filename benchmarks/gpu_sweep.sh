@@ -4,35 +4,18 @@
 #   bash benchmarks/gpu_sweep.sh "--batch=32" "--batch=32 --attention_impl=xla" \
 #        "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false --batch=32" ...
 # A variant is train_step.py flags, optionally led by VAR=value environment words.
-# Each result is one JSON file under ${OUT:-/tmp/gpu_sweep}; a table is printed last.
+# Results: one JSON line per variant in ${OUT:-/tmp/gpu_sweep}/results.jsonl, stderr in errors.log;
+# PROFILE in a variant also saves prof_I.xplane.pb and hlo_I.txt.gz there. A table is printed last.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_sweep}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,memory.total --format=csv
-PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} $py - <<'PY'
-import jax, flax, optax, numpy as np, jax.numpy as jnp
-print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())
-# cuDNN attention (padded, as the model runs it) against fp32 XLA attention, values and gradients,
-# on the decoder's shape (head_dim 32) and the encoder's (64)
-from mae_st_jax.models import layers
-for n, h, hd in ((1569, 16, 32), (157, 16, 64)):
-    q, kk, v, g = (jax.random.normal(s, (4, n, h, hd), jnp.float32) for s in jax.random.split(jax.random.key(n), 4))
-    f = lambda fn: jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * g), (0, 1, 2))
-    ref = f(lambda *t: jax.nn.dot_product_attention(*t, implementation="xla"))(q, kk, v)
-    bf = lambda fn: (lambda *t: fn(*(x.astype(jnp.bfloat16) for x in t)))
-    for name, fn in (("cudnn padded", layers.cudnn_attention),
-                     ("xla bf16", lambda *t: jax.nn.dot_product_attention(*t, implementation="xla"))):
-        try:
-            got = f(bf(fn))(q, kk, v)
-            errs = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
-                    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
-            print(f"attention n={n} head_dim={hd} {name}: rel err vs fp32 (value, dq, dk, dv)",
-                  " ".join(f"{e:.1e}" for e in errs))
-        except Exception as e:  # noqa: BLE001
-            print(f"attention n={n} head_dim={hd} {name}: {type(e).__name__}: {str(e)[:300]}")
-PY
+$py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+# the padded cuDNN attention the model runs, against fp32 XLA attention (values and dq/dk/dv), beside
+# XLA's own bf16 attention, on the decoder's shape (head_dim 32) and the encoder's (64)
+$py benchmarks/attention.py --batch=4 --iters=1 --only=xla,cudnn_pad16 | tail -5
 i=0
 : >"$out/results.jsonl"
 for variant in "$@"; do

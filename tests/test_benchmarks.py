@@ -37,6 +37,8 @@ def test_overrides_set_fields_and_validate():
     assert c.model.scan_layers is True and c.model.remat == "dots" and c.optim.clip_grad == 0.5
     with pytest.raises(SystemExit, match="no field 'model.bogus'"):
         common.apply_overrides(c, ["model.bogus=1"])
+    with pytest.raises(SystemExit, match="model.scan_layers"):  # wrong type: one line, not a traceback
+        common.apply_overrides(c, ["model.scan_layers=yes"])
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         common.apply_overrides(c, ["model.remat"])
     with pytest.raises(config_lib.ConfigError, match="remat"):
