@@ -189,13 +189,36 @@ def test_cli_round_trip(tmp_path):
     assert_state_dicts_equal({k: v.numpy() for k, v in exported.items()}, sd)
 
 
+def test_stacked_parameter_directory_still_loads(tmp_path):
+    # Parameters saved before the blocks were split per layer hold each block stack as one tree of
+    # [depth, ...] arrays: load_params splits them, so warm starts and --export still read them.
+    torch_model = ref.randomize(ref.MaskedAutoencoder(embed_dim=64, depth=3, num_heads=2, decoder_embed_dim=32,
+                                                      decoder_depth=2, decoder_num_heads=4), 6)
+    sd = numpy_state(torch_model)
+    config = conv.infer_model_config(sd, attention_impl="xla")
+    params = conv.torch_to_params(sd, config)
+    assert sorted(params["blocks"]) == [0, 1, 2] and sorted(params["decoder_blocks"]) == [0, 1]
+    old = dict(params)
+    for name in ("blocks", "decoder_blocks"):
+        layers = [params[name][i] for i in sorted(params[name])]
+        old[name] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    assert old["blocks"]["attn"]["q"]["kernel"].shape == (3, 64, 64)
+    checkpoint.save_params(str(tmp_path / "old"), old, config)
+    loaded, loaded_config = checkpoint.load_params(str(tmp_path / "old"))
+    assert loaded_config == config
+    assert_trees_equal(loaded, params)  # same keys (ints 0, 1, ...), same values
+    conv.main(["from_torch", f"--input={tmp_path / 'old'}", f"--output={tmp_path / 'back.pth'}", "--export"])
+    exported = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    assert_state_dicts_equal({k: v.numpy() for k, v in exported.items()}, sd)
+
+
 def test_pretrain_file_loads_as_classifier(tmp_path, pretrain_sd):
     path = tmp_path / "mae.pth"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in pretrain_sd.items()}}, path)
     model = conv.load_into_model(str(path), kind="classifier", num_classes=5, drop_path_rate=0.1)
     assert isinstance(model, VideoClassifier) and model.head.kernel.shape == (768, 5)
     assert not hasattr(model, "decoder_embed")
-    np.testing.assert_array_equal(np.asarray(model.blocks.mlp.fc1.kernel[1]),
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.fc1.kernel[...]),
                                   pretrain_sd["blocks.1.mlp.fc1.weight"].T)
     assert 0 < float(jnp.std(model.head.kernel[...])) < 1e-4  # fresh head, std 2e-5
     mae = conv.load_into_model(str(path))
@@ -250,7 +273,7 @@ def test_finetune_starts_from_a_converted_pytorch_checkpoint(tmp_path, tiny_conf
     tiny_config.total_steps = 1
     outcome = finetune.run(tiny_config, str(tmp_path / "ft"))
     # one step with lr 1e-4 moves the encoder only a little away from the torch weights
-    q = np.asarray(outcome.state["params"]["blocks"]["attn"]["q"]["kernel"][0])
+    q = np.asarray(outcome.state["params"]["blocks"][0]["attn"]["q"]["kernel"])
     torch_q = torch_model.state_dict()["blocks.0.attn.q.weight"].numpy().T
     assert np.abs(q - torch_q).max() < 2e-3 and np.abs(torch_q).max() > 1e-2
     assert "eval_top1" in read_metrics(str(tmp_path / "ft"))[-1]

@@ -265,7 +265,7 @@ def test_extract_features_matches_the_model(tiny_config, tmp_path):
     c = finetune_config(tiny_config)
     model = features.load_encoder(str(tmp_path / "pre"), c)
     before, _ = checkpoint.load_params(str(tmp_path / "pre"))
-    np.testing.assert_array_equal(np.asarray(model.blocks.attn.q.kernel[...]), before["blocks"]["attn"]["q"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(model.blocks[0].attn.q.kernel[...]), before["blocks"][0]["attn"]["q"]["kernel"])
     videos = pipeline.ClipLoader(pipeline.make_source(c), c, train=False).batch(0)["video"][0]
     got = features.extract(model, videos, c.data.mean, c.data.std)
     x = (videos.astype(np.float32) / 255 - np.asarray(c.data.mean)) / np.asarray(c.data.std)

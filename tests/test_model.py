@@ -416,9 +416,9 @@ def test_init_statistics_b16_tables():
     assert np.abs(k).max() > 0.99 * bound
     assert abs(k.std() / (bound / np.sqrt(3)) - 1) < 0.02
     np.testing.assert_array_equal(params["patch_embed/proj/bias"], 0)
-    # a block's Linear: xavier-uniform on [in, out] (leading axis: depth)
-    q = params["blocks/attn/q/kernel"]
-    assert q.shape == (1, 768, 768)
+    # a block's Linear: xavier-uniform on [in, out]
+    q = params["blocks/0/attn/q/kernel"]
+    assert q.shape == (768, 768) and "blocks/1/attn/q/kernel" not in params
     bound = np.sqrt(6 / (768 + 768))
     assert np.abs(q).max() <= bound
     assert abs(q.std() / (bound / np.sqrt(3)) - 1) < 0.02
@@ -431,12 +431,12 @@ def test_init_tiny_kernels():
     bound = np.sqrt(6 / (384 + 64))
     assert bound * 0.99 < np.abs(k).max() <= bound
     assert abs(k.std() / (bound / np.sqrt(3)) - 1) < 0.03
-    fc1 = params["blocks/mlp/fc1/kernel"]  # [depth, 64, 256]
-    assert fc1.shape == (2, 64, 256)
+    fc1 = np.stack([params[f"blocks/{i}/mlp/fc1/kernel"] for i in range(2)])  # [depth, 64, 256]
+    assert fc1.shape == (2, 64, 256) and "blocks/2/mlp/fc1/kernel" not in params
     bound = np.sqrt(6 / (64 + 256))
     assert bound * 0.98 < np.abs(fc1).max() <= bound
     assert abs(fc1.std() / (bound / np.sqrt(3)) - 1) < 0.05
-    # the two stacked blocks are initialised independently
+    # the two blocks are initialised independently
     assert not np.array_equal(fc1[0], fc1[1])
     pred = params["decoder_pred/kernel"]
     assert pred.shape == (32, 8 * 8 * 3)
@@ -456,10 +456,10 @@ def test_init_zeros_and_ones():
         elif leaf == "bias":
             n_bias += 1
             np.testing.assert_array_equal(v, 0, err_msg=name)
-    # norm1, norm2 in each block stack, norm, decoder_norm
-    assert n_scale == 2 + 2 + 1 + 1
-    # patch_embed, (q, k, v, proj, fc1, fc2) * 2 stacks, norms (6), decoder_embed, decoder_pred
-    assert n_bias == 1 + 6 * 2 + 6 + 2
+    # norm1, norm2 in each of the 2 + 1 blocks, norm, decoder_norm
+    assert n_scale == 2 * 3 + 1 + 1
+    # patch_embed, (q, k, v, proj, fc1, fc2) * 3 blocks, norms (8), decoder_embed, decoder_pred
+    assert n_bias == 1 + 6 * 3 + 8 + 2
     mt = params["mask_token"]
     assert mt.shape == (1, 1, 32) and 0 < mt.std() < 0.05
 
@@ -508,9 +508,11 @@ def test_remat_and_scan_match_default():
     scale = max(float(np.abs(np.asarray(v)).max()) for v in flat0.values())
     assert scale > 1e-3
     # every block parameter gets a gradient (nothing dropped by the scan over layers)
-    for k, v in flat0.items():
-        if k[0] in ("blocks", "decoder_blocks") and k[-2:] != ("k", "bias"):  # k's bias: softmax-invariant
-            assert np.all(np.abs(np.asarray(v)).reshape(v.shape[0], -1).max(axis=1) > 0), k
+    block_leaves = [k for k in flat0 if k[0] in ("blocks", "decoder_blocks")]
+    assert len(block_leaves) == (2 + 1) * 16 and {k[1] for k in block_leaves} == {0, 1}  # 2 + 1 blocks x 16 leaves
+    for k in block_leaves:
+        if k[-2:] != ("k", "bias"):  # k's bias: softmax-invariant
+            assert np.abs(np.asarray(flat0[k])).max() > 0, k
     for kw in (dict(remat="full"), dict(scan_layers=True)):
         l1, g1 = loss_and_grads(make_model(**kw), vid, noise)
         np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5, err_msg=str(kw))
@@ -519,6 +521,28 @@ def test_remat_and_scan_match_default():
         for k in flat0:  # within 1e-5 of the gradients' scale
             np.testing.assert_allclose(np.asarray(flat1[k]), np.asarray(flat0[k]), rtol=1e-5, atol=1e-5 * scale,
                                        err_msg=f"{kw} {k}")
+
+
+def test_attention_chunk_size_follows_the_l2_cache(tmp_path):
+    for index, (level, size) in enumerate([("1", "48K"), ("2", "2048K"), ("3", "260M")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert layers.l2_cache_bytes(str(tmp_path)) == 2 << 20
+    assert layers.l2_cache_bytes(str(tmp_path / "missing")) is None
+    assert layers.chunk_elements_for(2 << 20) == 1 << 21
+    assert layers.chunk_elements_for(None) == 1 << 19
+    assert layers.chunk_elements_for(64 << 20) == 1 << 22  # capped
+    # the decoder's 4 x 16 (sample, head) pairs of 393 tokens: 8 pairs per step with a 2 MiB L2
+    assert layers._attention_chunk(64, 393) >= 1
+    old = layers.ATTENTION_CHUNK_ELEMENTS
+    try:
+        layers.ATTENTION_CHUNK_ELEMENTS = 1 << 21
+        assert layers._attention_chunk(64, 393) == 8
+        layers.ATTENTION_CHUNK_ELEMENTS = 1 << 19
+        assert layers._attention_chunk(64, 393) == 2
+    finally:
+        layers.ATTENTION_CHUNK_ELEMENTS = old
 
 
 @pytest.mark.parametrize("n,multiple", [(13, 16), (157, 16), (16, 16), (9, 2)])
@@ -541,6 +565,31 @@ def test_padded_attention_equals_unpadded(n, multiple):
     probs /= probs.sum(-1, keepdims=True)
     out = layers.cudnn_attention(q, k, v, multiple=multiple, implementation="xla")
     np.testing.assert_allclose(np.asarray(out), np.einsum("bhqk,bkhd->bqhd", probs, v), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 13 * 13 * 3, 1 << 21])
+def test_chunked_softmax_attention_values_and_grads(chunk_elements):
+    # softmax_attention's chunks of (sample, head) pairs and its hand-written backward against the
+    # written-out softmax, autodiff'd: 1 pair per loop step, 3 pairs (12 pairs in 4 steps), all 12
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (3, 13, 4, 8)) for i in range(4))
+    scale = 8 ** -0.5
+
+    def plain(q, k, v):
+        p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    old = layers.ATTENTION_CHUNK_ELEMENTS
+    try:
+        layers.ATTENTION_CHUNK_ELEMENTS = chunk_elements
+        assert layers._attention_chunk(12, 13) == {1: 1, 13 * 13 * 3: 3, 1 << 21: 12}[chunk_elements]
+        out, vjp = jax.vjp(lambda q, k, v: layers.softmax_attention(q, k, v, scale), q, k, v)
+        grads = vjp(g)
+    finally:
+        layers.ATTENTION_CHUNK_ELEMENTS = old
+    want, want_vjp = jax.vjp(plain, q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+    for got, ref in zip(grads, want_vjp(g)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5)
 
 
 def test_attention_impl_auto_on_cpu_is_the_chunked_softmax():

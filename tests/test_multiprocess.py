@@ -79,7 +79,7 @@ def _worker(spec: dict) -> None:
         if e.code not in (0, None):
             raise
     outcome = outcomes[-1]
-    q = outcome.state["params"]["blocks"]["attn"]["q"]["kernel"]
+    q = outcome.state["params"]["blocks"][0]["attn"]["q"]["kernel"]
     result = {"process_index": jax.process_index(), "process_count": jax.process_count(),
               "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
               "reads": reads, "logged": {str(k): v for k, v in logged.items()},
@@ -255,7 +255,7 @@ def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
             node = node[p]
         node[field] = value
     saved = pretrain.run(config, str(tmp_path / "w")).state
-    q = saved["params"]["blocks"]["attn"]["q"]["kernel"]
+    q = saved["params"]["blocks"][0]["attn"]["q"]["kernel"]
     assert q.addressable_shards[0].data.size * 8 == q.size  # really split 8 ways
     expected = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(saved)}
 

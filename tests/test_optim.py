@@ -131,13 +131,14 @@ def test_decay_mask_on_tiny_mae(decay_tokens):
             assert leaf in tokens, path  # nothing else in the model
             assert bool(decayed) == decay_tokens, path
             counts["token"] += 1
-    # every token/pos leaf is present; kernels: patch embed, 6 per block stack * 2, decoder embed + pred
+    # every token/pos leaf is present; kernels: patch embed, 6 per block * (2 + 1 blocks), decoder
+    # embed + pred; LayerNorms: 2 per block + 2 final
     assert counts["token"] == len(tokens)
-    assert counts["kernel"] == 1 + 6 * 2 + 2
-    assert counts["scale"] == 6 and counts["bias"] == 1 + 6 * 2 + 6 + 2
+    assert counts["kernel"] == 1 + 6 * 3 + 2
+    assert counts["scale"] == 2 * 3 + 2 and counts["bias"] == 1 + 6 * 3 + (2 * 3 + 2) + 2
     # 1-D parameters are never decayed
     for path, decayed in mask.items():
-        if flat[path].ndim == 1 or (path[0] in ("blocks", "decoder_blocks") and flat[path].ndim == 2):
+        if flat[path].ndim == 1:
             assert not decayed, path
 
 

@@ -49,10 +49,10 @@ def test_sharded_step_matches_single_device(tiny_config, mesh, param_sharding, a
         # Adam turns float-rounding differences of near-zero gradients into ~lr-sized steps
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     if param_sharding == "fsdp":  # large matrices really are split: each device holds 1/fsdp
-        q = state["params"]["blocks"]["attn"]["q"]["kernel"]  # [depth, E, E]
+        q = state["params"]["blocks"][0]["attn"]["q"]["kernel"]  # [E, E]
         fsdp = tiny_config.mesh.fsdp
         assert q.addressable_shards[0].data.size * fsdp == q.size
-        mu = state["opt_state"].mu["blocks"]["attn"]["q"]["kernel"]
+        mu = state["opt_state"].mu["blocks"][0]["attn"]["q"]["kernel"]
         assert mu.addressable_shards[0].data.size * fsdp == mu.size
 
 

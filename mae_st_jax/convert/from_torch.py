@@ -28,7 +28,6 @@ from mae_st_jax.models.mae import MaskedAutoencoder, VideoEncoder
 from mae_st_jax.train import checkpoint
 
 KINDS = {"pretrain": MaskedAutoencoder, "classifier": VideoClassifier, "encoder": VideoEncoder}
-STACKED = ("blocks", "decoder_blocks")  # our trees hold these blocks with a leading [depth] axis
 DEFAULT_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
 DECODER_KEY = re.compile(r"^(decoder_|mask_token)")
 
@@ -278,12 +277,15 @@ def _abstract_params(model_config: dict) -> dict:
     return traverse_util.flatten_dict(_abstract(model_config)[1].to_pure_dict())
 
 
-def _torch_keys(path: tuple, shape: tuple) -> list[tuple[str, int | None]]:
-    """(torch key, index along the stacked-blocks axis or None) for one of our leaves."""
+def _torch_key(path: tuple) -> str:
+    """The torch state-dict key of one of our leaves: ('blocks', 3, 'attn', 'q', 'kernel') ->
+    'blocks.3.attn.q.weight' (our blocks are per layer, as the reference's)."""
     leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1]) if len(path) > 1 else path[-1]
-    if path[0] in STACKED:
-        return [(".".join((path[0], str(i)) + path[1:-1] + (leaf,)), i) for i in range(shape[0])]
-    return [(".".join(path[:-1] + (leaf,)), None)]
+    return ".".join([str(p) for p in path[:-1]] + [leaf])
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
 
 
 def _to_torch(value, leaf: str):
@@ -322,25 +324,21 @@ def torch_to_params(state_dict: dict, model_config: dict) -> dict:
     if dropped:
         logging.info("dropping %d %s keys not used by a %s model", len(dropped),
                      "decoder/head" if kind == "encoder" else "decoder", kind)
-    wanted = {key: (path, i) for path, leaf in abstract.items() for key, i in _torch_keys(path, leaf.shape)}
+    wanted = {_torch_key(path): path for path in abstract}
     missing, unexpected = set(wanted) - set(sd), set(sd) - set(wanted) - set(dropped)
     if missing or unexpected:
         raise ValueError(f"state dict does not fit a {kind} model: missing keys [{_names(missing)}]; "
                          f"unexpected keys [{_names(unexpected)}]")
     bad = []
-    for key, (path, i) in wanted.items():
-        shape = abstract[path].shape[1:] if i is not None else abstract[path].shape
-        expect = _to_torch(np.empty(shape, np.int8), path[-1]).shape
+    for key, path in wanted.items():
+        expect = _to_torch(np.empty(abstract[path].shape, np.int8), path[-1]).shape
         if sd[key].shape != expect:
             bad.append(f"{key} {tuple(sd[key].shape)} (config implies {expect})")
     if bad:
         raise ValueError(f"shapes differ from the config: {'; '.join(bad[:10])}")
     flat = {}
     for path, leaf in abstract.items():
-        keys = _torch_keys(path, leaf.shape)
-        values = [_from_torch(sd[key], path[-1]) for key, _ in keys]
-        value = np.stack(values) if path[0] in STACKED else values[0]
-        flat[path] = np.asarray(value, dtype=leaf.dtype)
+        flat[path] = np.asarray(_from_torch(sd[_torch_key(path)], path[-1]), dtype=leaf.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -351,24 +349,22 @@ def params_to_torch(params, model_config: dict | None = None) -> dict[str, np.nd
     """
     if hasattr(params, "to_pure_dict"):
         params = params.to_pure_dict()
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(checkpoint.per_layer_blocks(params))
     if model_config is not None:
         abstract = _abstract_params(model_config)
         diff = set(abstract) ^ set(flat)
         if diff or any(tuple(np.shape(flat[k])) != abstract[k].shape for k in abstract):
-            raise ValueError(f"params do not match model_config (differing: {sorted('.'.join(k) for k in diff)[:10]})")
+            raise ValueError(f"params do not match model_config (differing: {sorted(_dotted(k) for k in diff)[:10]})")
     out = {}
     for path, value in flat.items():
-        value = np.asarray(value)
-        for key, i in _torch_keys(path, value.shape):
-            out[key] = np.ascontiguousarray(_to_torch(value[i] if i is not None else value, path[-1]))
+        out[_torch_key(path)] = np.ascontiguousarray(_to_torch(np.asarray(value), path[-1]))
     return out
 
 
 # --- notebook API -----------------------------------------------------------------------------------
 def complete_params(params: dict, model_config: dict, seed: int = 0) -> dict:
     """Fill leaves the checkpoint lacked (a fresh classifier head) from an initialised model."""
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(checkpoint.per_layer_blocks(params))
     missing = [k for k in _abstract_params(model_config) if k not in flat]
     if not missing:
         return params
@@ -377,11 +373,11 @@ def complete_params(params: dict, model_config: dict, seed: int = 0) -> dict:
     def init_missing():  # only the missing leaves are returned, so XLA drops the rest of the init
         fresh = nnx.split(build_model(model_config, nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
         fresh = traverse_util.flatten_dict(fresh)
-        return {".".join(k): fresh[k] for k in missing}
+        return {_dotted(k): fresh[k] for k in missing}
 
     filled = init_missing()
     logging.info("initialised %d parameters the checkpoint lacks: %s", len(missing), sorted(filled))
-    return traverse_util.unflatten_dict({**flat, **{k: np.asarray(filled[".".join(k)]) for k in missing}})
+    return traverse_util.unflatten_dict({**flat, **{k: np.asarray(filled[_dotted(k)]) for k in missing}})
 
 
 def model_from_params(params: dict, model_config: dict):

@@ -20,7 +20,7 @@ class VideoClassifier(VideoEncoder):
             raise ValueError(f"drop_path_rate={drop_path_rate} and dropout_rate={dropout_rate} must be in [0, 1)")
         self.num_classes = num_classes
         self.dropout_rate = float(dropout_rate)
-        depth = jax.tree.leaves(nnx.state(self.blocks))[0].shape[0]
+        depth = len(self.blocks)
         # stochastic-depth rate of block i: linear from 0 to drop_path_rate over depth
         self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
         pdt = layers.to_dtype(encoder_kwargs.get("param_dtype", "float32"))

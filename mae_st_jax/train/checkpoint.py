@@ -53,8 +53,10 @@ def load_params(directory: str, abstract_params=None):
     model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
     if (path / PARAMS_DIR).exists():
         with ocp.StandardCheckpointer() as ckptr:
-            target = abstract_params if abstract_params is not None else _host_target(ckptr, path / PARAMS_DIR)
-            return ckptr.restore(os.path.abspath(path / PARAMS_DIR), target), model_config
+            if abstract_params is not None:
+                return ckptr.restore(os.path.abspath(path / PARAMS_DIR), abstract_params), model_config
+            params = ckptr.restore(os.path.abspath(path / PARAMS_DIR), _host_target(ckptr, path / PARAMS_DIR))
+            return per_layer_blocks(params), model_config
     if (path / "checkpoints").exists():
         mgr = manager(str(path), async_save=False)
         try:
@@ -74,10 +76,34 @@ def load_params(directory: str, abstract_params=None):
             mgr.close()
         params = restored["params"]
         if abstract_params is None:
-            params = jax.tree.map(np.asarray, params)
+            params = per_layer_blocks(jax.tree.map(np.asarray, params))
         return params, model_config
     raise FileNotFoundError(f"init_from={directory}: neither a parameter checkpoint ({PARAMS_DIR}/) "
                             f"nor a training workdir (checkpoints/)")
+
+
+BLOCK_LISTS = ("blocks", "decoder_blocks")
+
+
+def per_layer_blocks(params):
+    """A host param tree in the current layout, one subtree per block under 'blocks' and
+    'decoder_blocks' keyed 0, 1, ...: digit-string keys (a restore without a target returns
+    those) become ints, and blocks stacked on a leading [depth] axis (how parameters were saved
+    before the blocks were split per layer) are split into layers."""
+    if not isinstance(params, dict):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key in BLOCK_LISTS and isinstance(value, dict) and value:
+            if all(str(k).isdigit() for k in value):
+                value = {int(k): per_layer_blocks(v) for k, v in value.items()}
+            else:  # stacked layout: every leaf is [depth, ...]
+                depth = jax.tree.leaves(value)[0].shape[0]
+                value = {i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], value) for i in range(depth)}
+        elif isinstance(value, dict):
+            value = per_layer_blocks(value)
+        out[key] = value
+    return out
 
 
 def _host_target(ckptr, path):

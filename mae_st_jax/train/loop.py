@@ -118,7 +118,9 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
             # may still print asyncio 'Event loop is closed' tracebacks: seen in CI, harmless)
             raise RestoreError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
                                "warnings above say why: another model size or config, or an older mae_st_jax "
-                               "whose optimizer state differs): move it away to start afresh")
+                               "whose optimizer state differs or whose blocks were stacked on one [depth] "
+                               "axis): move it away to start afresh, or warm-start from it with "
+                               "config.init_from (parameters only)")
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:

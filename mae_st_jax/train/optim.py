@@ -130,20 +130,19 @@ EMBED_LEAVES = ("patch_embed", "cls_token")  # layer 0 in layer-wise lr decay, w
 def layer_decay_scales(params, depth: int, decay: float):
     """Per-parameter lr multipliers decay ** (num_layers - layer_id), num_layers = depth + 1 (mae_st lrd).
 
-    layer_id: 0 for the patch embedding, pos-embeds and cls token; i + 1 for block i (our blocks
-    are stacked, so 'blocks/...' leaves get a [depth, 1, ...] array); num_layers for the rest
-    (final norm, head): scale 1.
+    layer_id: 0 for the patch embedding, pos-embeds and cls token; i + 1 for block i (leaves under
+    'blocks/i/...'); num_layers for the rest (final norm, head): scale 1.
     """
     num_layers = depth + 1
-    block_scales = decay ** (num_layers - (np.arange(depth) + 1.0))  # [depth]
 
     def rule(path, leaf):
         top = str(getattr(path[0], "key", getattr(path[0], "name", path[0])))
         if top == "blocks":
-            if leaf.shape[0] != depth:
-                raise ValueError(f"layer decay: {jax.tree_util.keystr(path)} stacks {leaf.shape[0]} blocks, "
-                                 f"not depth={depth}")
-            return block_scales.reshape((depth,) + (1,) * (len(leaf.shape) - 1)).astype(np.float32)
+            index = int(getattr(path[1], "key", getattr(path[1], "idx", path[1])))
+            if not 0 <= index < depth:
+                raise ValueError(f"layer decay: {jax.tree_util.keystr(path)} is block {index}, "
+                                 f"but depth={depth}")
+            return np.float32(decay ** (num_layers - (index + 1.0)))
         if top in EMBED_LEAVES or top.startswith("pos_embed"):
             return np.float32(decay ** num_layers)
         return np.float32(1.0)
