@@ -44,6 +44,7 @@ def main():
     step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
     flops = common.train_flops_per_clip(m, visible)
     if a.hlo_file:
+        os.makedirs(os.path.dirname(os.path.abspath(a.hlo_file)), exist_ok=True)
         with open(a.hlo_file, "w") as f:
             f.write(timer.compiled.as_text())
     if a.profile_dir:
