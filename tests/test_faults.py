@@ -145,6 +145,40 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
     assert [got[s] for s in (3, 4, 5, 6)] == [expected[s] for s in (3, 4, 5, 6)]
 
 
+def _stack_blocks(tree: dict) -> dict:
+    """The layout of checkpoints written before the blocks were stored per layer."""
+    out = dict(tree)
+    for name in ("blocks", "decoder_blocks"):
+        layers = [tree[name][k] for k in sorted(tree[name], key=int)]
+        out[name] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    return out
+
+
+def test_workdir_with_stacked_blocks_resumes_bit_identically(tiny_config, tmp_path, caplog):
+    import orbax.checkpoint as ocp
+    tiny_config.total_steps = 2
+    pretrain.train(tiny_config, str(tmp_path / "new"))  # checkpoint 2, per-layer blocks
+    with ocp.StandardCheckpointer() as ckptr:
+        path = tmp_path / "new" / "checkpoints" / "2" / "default"
+        raw = ckptr.restore(str(path), checkpoint._host_target(ckptr, path))
+    assert sorted(raw["params"]["blocks"], key=int) == ["0", "1"]
+    old = {**raw, "params": _stack_blocks(raw["params"]),
+           "opt_state": {k: (_stack_blocks(v) if k in ("mu", "nu") else v) for k, v in raw["opt_state"].items()}}
+    assert old["opt_state"]["nu"]["blocks"]["attn"]["q"]["kernel"].shape[0] == 2
+    mgr = checkpoint.manager(str(tmp_path / "old"), async_save=False)
+    checkpoint.save_state(mgr, 2, old, force=True)
+    mgr.close()
+    tiny_config.total_steps = 4
+    pretrain.train(tiny_config, str(tmp_path / "new"))
+    with caplog.at_level("INFO"):
+        pretrain.train(tiny_config, str(tmp_path / "old"))
+    assert "has its blocks stacked" in caplog.text and "Resuming from checkpoint step 2" in caplog.text
+    new_losses, old_losses = _losses(tmp_path / "new"), _losses(tmp_path / "old")
+    assert [old_losses[s] for s in (3, 4)] == [new_losses[s] for s in (3, 4)]
+    saved, _ = checkpoint.load_params(str(tmp_path / "old"))  # step 4, written per layer
+    assert sorted(saved["blocks"]) == [0, 1]
+
+
 def test_unwritable_workdir_fails_at_start_naming_it(tiny_config, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

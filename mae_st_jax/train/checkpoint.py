@@ -33,6 +33,40 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
     return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
+def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
+    """Whether checkpoint `step` holds its blocks stacked on a [depth] axis (written before the
+    blocks were stored per layer)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        params = _host_target(ckptr, _absolute(str(mgr.directory)) / str(step) / "default").get("params", {})
+    blocks = params.get("blocks") if isinstance(params, dict) else None
+    return isinstance(blocks, dict) and bool(blocks) and not all(str(k).isdigit() for k in blocks)
+
+
+def restore_stacked_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
+    """Restore a train state whose blocks (parameters and AdamW moments) were saved stacked on a
+    [depth] axis: read it to host memory, split the blocks per layer, check every leaf against
+    `abstract_state` and place it on that state's shardings. The next save writes the per-layer
+    layout. Raises ValueError when the converted tree still does not fit."""
+    with ocp.StandardCheckpointer() as ckptr:
+        target = _host_target(ckptr, _absolute(str(mgr.directory)) / str(step) / "default")
+    raw = jax.tree.map(np.asarray, mgr.restore(step, args=ocp.args.StandardRestore(target)))  # host arrays
+    opt = abstract_state["opt_state"]
+    raw_opt = raw["opt_state"]
+    if hasattr(opt, "_fields") and isinstance(raw_opt, dict):  # a NamedTuple (AdamWState) saved as a dict
+        raw_opt = type(opt)(**{f: per_layer_blocks(raw_opt[f]) for f in opt._fields})
+    state = {**raw, "params": per_layer_blocks(raw["params"]), "opt_state": raw_opt}
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state)}
+    bad = sorted(set(want) ^ set(got)) + [k for k in sorted(set(want) & set(got))
+                                          if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    if bad:
+        raise ValueError(f"checkpoint step {step} does not fit this run's state after splitting its stacked "
+                         f"blocks: {', '.join(bad[:6])}")
+    leaves = [jax.device_put(np.asarray(got[jax.tree_util.keystr(k)], a.dtype), a.sharding)
+              for k, a in jax.tree_util.tree_leaves_with_path(abstract_state)]
+    return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
+
+
 def save_params(directory: str, params, model_config: dict) -> None:
     """Write a parameter-only checkpoint: `directory/params` (Orbax) and `directory/model.json`."""
     path = epath.Path(directory)

@@ -80,7 +80,14 @@ def restore_newest(mgr, abstract_state):
     """(state, step) from the newest checkpoint that restores; unreadable ones are skipped with a warning."""
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
-            return checkpoint.restore_state(mgr, step, abstract_state), step
+            try:
+                return checkpoint.restore_state(mgr, step, abstract_state), step
+            except Exception:
+                if not checkpoint.has_stacked_blocks(mgr, step):
+                    raise
+            logging.warning("Checkpoint step %d in %s has its blocks stacked on one [depth] axis (written "
+                            "before they were stored per layer): splitting them per layer", step, mgr.directory)
+            return checkpoint.restore_stacked_state(mgr, step, abstract_state), step
         except Exception as e:  # a corrupt or truncated checkpoint: fall back to the one before
             logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
                             step, mgr.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
@@ -118,9 +125,7 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
             # may still print asyncio 'Event loop is closed' tracebacks: seen in CI, harmless)
             raise RestoreError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
                                "warnings above say why: another model size or config, or an older mae_st_jax "
-                               "whose optimizer state differs or whose blocks were stacked on one [depth] "
-                               "axis): move it away to start afresh, or warm-start from it with "
-                               "config.init_from (parameters only)")
+                               "whose optimizer state differs): move it away to start afresh")
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:
