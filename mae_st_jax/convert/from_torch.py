@@ -281,7 +281,7 @@ def _torch_key(path: tuple) -> str:
     """The torch state-dict key of one of our leaves: ('blocks', 3, 'attn', 'q', 'kernel') ->
     'blocks.3.attn.q.weight' (our blocks are per layer, as the reference's)."""
     leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1]) if len(path) > 1 else path[-1]
-    return ".".join([str(p) for p in path[:-1]] + [leaf])
+    return _dotted(path[:-1] + (leaf,))
 
 
 def _dotted(path: tuple) -> str:

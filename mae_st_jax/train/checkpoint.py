@@ -33,13 +33,31 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
     return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
+def _state_target(mgr: ocp.CheckpointManager, step: int):
+    """Zero host arrays shaped like training checkpoint `step` (from its metadata): a restore
+    target that reads it to host memory whatever devices it was saved from."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return _host_target(ckptr, _absolute(str(mgr.directory)) / str(step) / "default")
+
+
 def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
     """Whether checkpoint `step` holds its blocks stacked on a [depth] axis (written before the
     blocks were stored per layer)."""
-    with ocp.StandardCheckpointer() as ckptr:
-        params = _host_target(ckptr, _absolute(str(mgr.directory)) / str(step) / "default").get("params", {})
-    blocks = params.get("blocks") if isinstance(params, dict) else None
-    return isinstance(blocks, dict) and bool(blocks) and not all(str(k).isdigit() for k in blocks)
+    params = _state_target(mgr, step).get("params", {})
+    return isinstance(params, dict) and _is_stacked(params.get("blocks"))
+
+
+def tree_mismatches(tree, expected) -> list[str]:
+    """'missing P', 'unexpected P' and 'P: checkpoint SHAPE vs model SHAPE' for every leaf path P
+    (jax keystr) whose presence or shape differs between `tree` (read from a checkpoint) and
+    `expected` (the model's or train state's tree)."""
+    got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in sorted(set(got) & set(want))
+                 if got[k] != want[k]]
+    return problems
 
 
 def restore_stacked_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
@@ -47,21 +65,17 @@ def restore_stacked_state(mgr: ocp.CheckpointManager, step: int, abstract_state)
     [depth] axis: read it to host memory, split the blocks per layer, check every leaf against
     `abstract_state` and place it on that state's shardings. The next save writes the per-layer
     layout. Raises ValueError when the converted tree still does not fit."""
-    with ocp.StandardCheckpointer() as ckptr:
-        target = _host_target(ckptr, _absolute(str(mgr.directory)) / str(step) / "default")
-    raw = jax.tree.map(np.asarray, mgr.restore(step, args=ocp.args.StandardRestore(target)))  # host arrays
+    raw = jax.tree.map(np.asarray, mgr.restore(step, args=ocp.args.StandardRestore(_state_target(mgr, step))))
     opt = abstract_state["opt_state"]
     raw_opt = raw["opt_state"]
     if hasattr(opt, "_fields") and isinstance(raw_opt, dict):  # a NamedTuple (AdamWState) saved as a dict
         raw_opt = type(opt)(**{f: per_layer_blocks(raw_opt[f]) for f in opt._fields})
     state = {**raw, "params": per_layer_blocks(raw["params"]), "opt_state": raw_opt}
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state)}
-    bad = sorted(set(want) ^ set(got)) + [k for k in sorted(set(want) & set(got))
-                                          if tuple(np.shape(got[k])) != tuple(want[k].shape)]
-    if bad:
+    problems = tree_mismatches(state, abstract_state)
+    if problems:
         raise ValueError(f"checkpoint step {step} does not fit this run's state after splitting its stacked "
-                         f"blocks: {', '.join(bad[:6])}")
+                         f"blocks: {'; '.join(problems[:6])}")
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state)}
     leaves = [jax.device_put(np.asarray(got[jax.tree_util.keystr(k)], a.dtype), a.sharding)
               for k, a in jax.tree_util.tree_leaves_with_path(abstract_state)]
     return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
@@ -98,9 +112,7 @@ def load_params(directory: str, abstract_params=None):
             if step is None:
                 raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
             if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
-                with ocp.StandardCheckpointer() as ckptr:
-                    item = {"params": _host_target(ckptr, _absolute(str(path)) / "checkpoints" / str(step) /
-                                                   "default")["params"]}
+                item = {"params": _state_target(mgr, step)["params"]}
                 restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
             else:
                 item, restore_args = {"params": abstract_params}, None
@@ -119,6 +131,11 @@ def load_params(directory: str, abstract_params=None):
 BLOCK_LISTS = ("blocks", "decoder_blocks")
 
 
+def _is_stacked(blocks) -> bool:
+    """A block subtree in the stacked layout (keyed by module names, not 0, 1, ...)."""
+    return isinstance(blocks, dict) and bool(blocks) and not all(str(k).isdigit() for k in blocks)
+
+
 def per_layer_blocks(params):
     """A host param tree in the current layout, one subtree per block under 'blocks' and
     'decoder_blocks' keyed 0, 1, ...: digit-string keys (a restore without a target returns
@@ -128,12 +145,11 @@ def per_layer_blocks(params):
         return params
     out = {}
     for key, value in params.items():
-        if key in BLOCK_LISTS and isinstance(value, dict) and value:
-            if all(str(k).isdigit() for k in value):
-                value = {int(k): per_layer_blocks(v) for k, v in value.items()}
-            else:  # stacked layout: every leaf is [depth, ...]
-                depth = jax.tree.leaves(value)[0].shape[0]
-                value = {i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], value) for i in range(depth)}
+        if key in BLOCK_LISTS and _is_stacked(value):  # every leaf is [depth, ...]
+            depth = jax.tree.leaves(value)[0].shape[0]
+            value = {i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], value) for i in range(depth)}
+        elif key in BLOCK_LISTS and isinstance(value, dict):  # '0', '1', ... -> 0, 1, ...
+            value = {int(k): per_layer_blocks(v) for k, v in value.items()}
         elif isinstance(value, dict):
             value = per_layer_blocks(value)
         out[key] = value

@@ -6,6 +6,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mae_st_jax.train import checkpoint
 from mae_st_jax.train import sharding as shd
 
 
@@ -43,12 +44,7 @@ def create_state(model_fn, tx, mesh, config, params=None):
 
 def check_params_match(params, expected) -> None:
     """Raise a ValueError naming every parameter whose presence or shape differs from the model's."""
-    flat = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(flat))]
-    problems += [f"unexpected {k}" for k in sorted(set(flat) - set(want))]
-    problems += [f"{k}: checkpoint {flat[k]} vs model {want[k]}" for k in sorted(set(flat) & set(want))
-                 if tuple(flat[k]) != tuple(want[k])]
+    problems = checkpoint.tree_mismatches(params, expected)
     if problems:
         raise ValueError("config.init_from does not fit config.model (check sizes, patch, frames, "
                          "cls_embed, sep_pos_embed): " + "; ".join(problems[:12]))
