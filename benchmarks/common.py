@@ -1,6 +1,7 @@
 """Shared benchmark helpers (no TensorFlow): configs from flags, the FLOP model, timing, peaks."""
 
 import ast
+import os
 import resource
 import statistics
 import time
@@ -11,7 +12,7 @@ import numpy as np
 from mae_st_jax import config_lib
 from mae_st_jax.models.mae import model_kwargs
 from mae_st_jax.train import optim, sharding as shd, step as step_lib
-from mae_st_jax.models import MaskedAutoencoder
+from mae_st_jax.models import MaskedAutoencoder, layers
 
 # dense bf16 peak TFLOP/s per chip (REFERENCE.md); match on jax's device_kind
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
@@ -144,6 +145,31 @@ def time_steps(config, steps: int = 10, warmup: int = 2, repeats: int = 3, seed:
     timer = StepTimer(config, seed)
     timer.warm(warmup)
     return [timer.time(steps) for _ in range(repeats)], timer
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The host CPU as the results should name it: model, widest x86 vector ISA, cores this process
+    may use, per-core L2. CPU numbers here move with the machine (on the project's Intel AVX-512
+    and AMD machines the ratio to the PyTorch reference differed by 30%), so every CPU result says
+    which one it came from."""
+    first = {}  # the first processor's fields
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                first.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model, flags = first.get("model name", "unknown"), set(first.get("flags", "").split())
+    if "cpu family" in first:  # VMs often mask the name ("AMD EPYC"); family/model tell the generation
+        model += f" (family {first['cpu family']}, model {first.get('model', '?')})"
+    isa = next((name for name in ("amx_tile", "avx512f", "avx2", "avx") if name in flags), "unknown")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    l2 = layers.l2_cache_bytes()
+    return {"model": model, "isa": isa, "cores": cores, "l2_kib_per_core": l2 // 1024 if l2 else None}
 
 
 def peak_tflops(given: float) -> float | None:

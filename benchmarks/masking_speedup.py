@@ -56,6 +56,7 @@ def main():
     out["cpu_time_ratio"] = out["all_tokens"]["median_cpu_s_per_step"] / out["masked"]["median_cpu_s_per_step"]
     out["cpu_time_ratio_over_flop_ratio"] = out["cpu_time_ratio"] / out["flop_ratio"]
     out["load_avg_1m"] = os.getloadavg()[0]
+    out["host_cpu"] = common.cpu_description()
     print(json.dumps(out, indent=1))
 
 

@@ -50,7 +50,8 @@ def main():
     if a.profile_dir:
         with jax.profiler.trace(a.profile_dir):
             timer.warm(3)
-    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), **vars(a),
+    result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+              "host_cpu": common.cpu_description(), **vars(a),
               "median_step_s": step_s, "clips_per_s": a.batch / step_s, "step_times_s": times,
               "cpu_s_per_step": statistics.median(timer.cpu_s), "minflt_per_step": statistics.median(timer.minflt),
               "train_tflop_per_clip": flops / 1e12, "achieved_tflops": flops * a.batch / step_s / 1e12,

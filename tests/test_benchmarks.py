@@ -45,6 +45,21 @@ def test_overrides_set_fields_and_validate():
         common.apply_overrides(c, ["model.remat=sometimes"])
 
 
+def test_cpu_description_names_model_isa_and_cores(tmp_path):
+    from benchmarks import common
+    intel, amd, empty = tmp_path / "intel", tmp_path / "amd", tmp_path / "empty"
+    intel.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: fpu sse avx avx2 fma "
+                     "avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    amd.write_text("cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx avx2 fma\n")
+    empty.write_text("")
+    a, b, c = (common.cpu_description(str(p)) for p in (intel, amd, empty))
+    assert (a["model"], a["isa"]) == ("Intel(R) Xeon(R) Platinum", "avx512f")  # the first processor's
+    assert (b["model"], b["isa"]) == ("AMD EPYC 7B13 (family 25, model 1)", "avx2")
+    assert (c["model"], c["isa"]) == ("unknown", "unknown")
+    assert common.cpu_description(str(tmp_path / "missing"))["model"] == "unknown"
+    assert a["cores"] >= 1 and a["cores"] == b["cores"]
+
+
 def test_gpu_sweep_script_runs_variants_and_tabulates(tmp_path):
     # the script the H100 numbers in the README came from, run on CPU with a tiny clip: each variant
     # is one JSON line, an env word reaches the process, PROFILE brings back a trace and the HLO
