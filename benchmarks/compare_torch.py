@@ -107,13 +107,14 @@ def main():
         sys.exit(f"--variants: give at least two distinct names from {sorted(VARIANTS)}, got {a.variants!r}")
     commands = {"ours": ours, "reference": ref}
     runs = {n: [] for n in names}
-    host_cpu = None  # as benchmarks/train_step.py describes it
+    host_cpu = torch_build = None  # as train_step.py / torch_reference.py report them
     for r in range(a.rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             script, extra_env = VARIANTS[name]
             out, info = run(commands[script], dict(os.environ, **extra_env))
             host_cpu = host_cpu or out.get("host_cpu")
+            torch_build = torch_build or out.get("torch_build")
             runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["median_step_s"],
                                "cpu_s_per_step": out.get("cpu_s_per_step"),
                                "minflt_per_step": out.get("minflt_per_step"), **info})
@@ -133,7 +134,7 @@ def main():
         return " ".join([f"{k}={v}" for k, v in extra_env.items()] + commands[script])
 
     result = {"config": {k: v for k, v in vars(a).items() if k not in ("ref_dir", "shim_dir")},
-              "cpus": os.cpu_count(), "host_cpu": host_cpu, "commands": {n: shown(n) for n in names},
+              "cpus": os.cpu_count(), "host_cpu": host_cpu, "torch_build": torch_build, "commands": {n: shown(n) for n in names},
               "runs": runs, "median_clips_per_s": med, "ratios": ratios,
               "ratio": {"of": f"{first}/{names[1]}", "value": ratio},
               "median_cpu_s_per_clip": cpu, "target": a.target, "meets_target": ratio >= a.target}

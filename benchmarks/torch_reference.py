@@ -153,7 +153,11 @@ def main():
               "median_step_s": step_s, "clips_per_s": a.batch / step_s, "step_times_s": times,
               "cpu_s_per_step": statistics.median(cpu_s), "minflt_per_step": statistics.median(minflt),
               "train_tflop_per_clip": flops / 1e12, "achieved_tflops": flops * a.batch / step_s / 1e12,
-              "num_params": sum(p.numel() for p in model.parameters())}
+              "num_params": sum(p.numel() for p in model.parameters()),
+              # which kernels the matmuls ran: on the project's machines the ratio to ours moved with them
+              "torch_build": {"cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+                              "mkl": torch.backends.mkl.is_available(),
+                              "mkldnn": torch.backends.mkldnn.is_available()}}
     print(json.dumps(result, indent=1))
 
 

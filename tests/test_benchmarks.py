@@ -98,3 +98,72 @@ def test_attention_benchmark_checks_pallas_padding_on_cpu():
     assert max(rows["pallas_64x64_bwd32"]["rel_err"]) < 1e-5
     assert max(rows["xla"]["rel_err"]) == 0.0
     assert "error" in rows["cudnn_pad16"]
+
+
+FAKE_MODELS_MAE = '''
+import torch
+
+
+class TinyMAE(torch.nn.Module):
+    """Stands in for the reference's MaskedAutoencoderViT: same constructor keywords, same call."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+        self.proj = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.LayerNorm(4)
+
+    def forward(self, imgs, mask_ratio=0.9):
+        x = imgs.mean(dim=(2, 3, 4))  # [N, 3]
+        loss = self.norm(self.proj(x)).pow(2).mean()
+        return loss, None, None
+
+
+def mae_vit_base_patch16(**kwargs):
+    return TinyMAE(**kwargs)
+'''
+
+FAKE_LR_SCHED = '''
+def adjust_learning_rate(optimizer, epoch, args):
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr
+    return args.lr
+'''
+
+
+def test_compare_torch_runs_both_sides_and_reports_the_ratio(tmp_path):
+    # the criterion's tool end to end, with a stand-in for the reference checkout (the real one is
+    # fetched outside the repo): every variant runs, in order, with its environment, and the JSON's
+    # medians, ratio and pass/fail follow from the runs it lists
+    import json
+    import os
+    ref = tmp_path / "mae_st"
+    (ref / "util").mkdir(parents=True)
+    (ref / "models_mae.py").write_text(FAKE_MODELS_MAE)
+    (ref / "util" / "lr_sched.py").write_text(FAKE_LR_SCHED)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("MALLOC_")}
+    r = subprocess.run([sys.executable, "benchmarks/compare_torch.py", f"--ref_dir={ref}", "--size=vit_b",
+                        "--frames=4", "--img=32", "--batch=2", "--mask_ratio=0.5", "--steps=1", "--repeats=1",
+                        "--rounds=1", "--threads=1", "--target=1e9",
+                        "--variants=ours,reference,reference_malloc"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    order = [line.split()[2] for line in r.stderr.splitlines() if line.startswith("round 0 ")]
+    assert order == ["ours", "reference", "reference_malloc"]
+    med = out["median_clips_per_s"]
+    assert set(med) == {"ours", "reference", "reference_malloc"} and all(v > 0 for v in med.values())
+    for name, runs in out["runs"].items():
+        assert len(runs) == 1 and runs[0]["clips_per_s"] == med[name]
+    assert out["ratio"] == {"of": "ours/reference", "value": pytest.approx(med["ours"] / med["reference"])}
+    assert out["ratios"]["ours/reference_malloc"] == pytest.approx(med["ours"] / med["reference_malloc"])
+    assert out["meets_target"] is False  # target 1e9
+    assert out["commands"]["reference_malloc"].startswith("MALLOC_ARENA_MAX=1 ")
+    assert "MALLOC_" not in out["commands"]["reference"]
+    assert out["host_cpu"]["cores"] >= 1 and out["host_cpu"]["model"]
+    assert set(out["torch_build"]) == {"cpu_capability", "mkl", "mkldnn"}
+    # a reference folder without models_mae.py is a one-line exit, not a traceback
+    bad = subprocess.run([sys.executable, "benchmarks/compare_torch.py", f"--ref_dir={tmp_path}", "--rounds=1",
+                          "--variants=reference,reference_malloc"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "has no models_mae.py" in bad.stderr
