@@ -9,7 +9,8 @@ from conftest import ROOT
 
 
 def test_benchmarks_import_no_tensorflow_or_clu():
-    code = ("import sys; import benchmarks.train_step, benchmarks.masking_speedup, benchmarks.attention; "
+    code = ("import sys; import benchmarks.train_step, benchmarks.masking_speedup, benchmarks.attention, "
+            "benchmarks.matmuls; "
             "bad = [m for m in ('tensorflow', 'clu', 'tensorflow_datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
@@ -167,3 +168,36 @@ def test_compare_torch_runs_both_sides_and_reports_the_ratio(tmp_path):
                           "--variants=reference,reference_malloc"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "has no models_mae.py" in bad.stderr
+
+
+def test_matmuls_benchmark_covers_the_steps_linear_layers():
+    # every linear layer of the step, at the step's row counts, both libraries, and totals that are
+    # the counted sums of what it lists
+    import json
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a bare box
+    r = subprocess.run([sys.executable, "benchmarks/matmuls.py", "--size=vit_s", "--frames=4", "--img=64",
+                        "--batch=2", "--mask_ratio=0.5", "--iters=1", "--torch", "--threads=1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    from benchmarks import common
+    m = common.make_config("vit_s", 4, 64, 2, 0.5, "float32").model
+    visible, grid = out["visible_tokens"], 2 * 4 * 4
+    assert visible == 16
+    by_name = {s["name"]: s for s in out["shapes"]}
+    assert by_name["encoder fc1"]["count"] == m.depth and by_name["encoder fc1"]["rows"] == 2 * (visible + 1)
+    assert (by_name["encoder fc1"]["k"], by_name["encoder fc1"]["n"]) == (m.embed_dim, 4 * m.embed_dim)
+    assert by_name["decoder q/k/v/proj"]["count"] == 4 * m.decoder_depth
+    assert by_name["decoder fc2"]["rows"] == 2 * (grid + 1)
+    assert by_name["patch_embed"]["k"] == 2 * 16 * 16 * 3 and by_name["patch_embed"]["rows"] == 2 * visible
+    for side in ("jax", "torch"):
+        total = sum(s["count"] * sum(s[f"{side}_ms"].values()) for s in out["shapes"])
+        assert out["step_total_ms"][side] == pytest.approx(total) and total > 0
+    # per clip they are the FLOP model's multiply-adds less attention's, plus the prediction head on
+    # the decoder's cls token, which the model (as the reference) computes and drops
+    macs = sum(s["count"] * s["rows"] * s["k"] * s["n"] for s in out["shapes"]) / 2
+    attention = m.depth * 2 * (visible + 1) ** 2 * m.embed_dim + m.decoder_depth * 2 * (grid + 1) ** 2 * \
+        m.decoder_embed_dim
+    pred_on_cls = m.decoder_embed_dim * by_name["decoder_pred"]["n"]
+    assert 6 * (macs + attention - pred_on_cls) == pytest.approx(common.train_flops_per_clip(m, visible), rel=1e-9)
