@@ -14,9 +14,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
@@ -24,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mae_st_jax.models import layers  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 
 XLA = functools.partial(jax.nn.dot_product_attention, implementation="xla")
@@ -89,12 +88,8 @@ def main():
                 got = jax.block_until_ready(step(q, k, v))
                 row["rel_err"] = [float(jnp.linalg.norm(x.astype(jnp.float32) - y) / jnp.linalg.norm(y))
                                   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
-                times = []
-                for _ in range(a.iters):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(step(q, k, v))
-                    times.append(time.perf_counter() - t0)
-                row["ms"] = statistics.median(times) * 1e3
+                # warmed up by the error check above
+                row["ms"] = common.median_ms(lambda: jax.block_until_ready(step(q, k, v)), a.iters, warmup=0)
                 row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
             except Exception as e:  # noqa: BLE001 - report and go on to the next implementation
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -9,9 +9,9 @@ import time
 import jax
 import numpy as np
 
-from mae_st_jax import config_lib
+from mae_st_jax import config_lib, masking
 from mae_st_jax.models.mae import model_kwargs
-from mae_st_jax.train import optim, sharding as shd, step as step_lib
+from mae_st_jax.train import optim, sharding as shd, step as step_lib, warm_start
 from mae_st_jax.models import MaskedAutoencoder, layers
 
 # dense bf16 peak TFLOP/s per chip (REFERENCE.md); match on jax's device_kind
@@ -70,6 +70,25 @@ def make_config(size: str, frames: int, img: int, batch: int, mask_ratio: float,
     c.mesh.update(data=-1, fsdp=fsdp)
     c.param_sharding = "fsdp" if fsdp > 1 else "replicate"
     return c
+
+
+def num_visible(m, mask_ratio: float | None = None, strategy: str | None = None) -> int:
+    """Visible tokens per clip of model config `m` (its own mask ratio and strategy unless given)."""
+    return masking.num_visible(strategy or m.mask_strategy, warm_start.token_grid(m),
+                               m.mask_ratio if mask_ratio is None else mask_ratio)
+
+
+def median_ms(fn, iters: int, warmup: int = 1) -> float:
+    """Median wall milliseconds of `iters` calls of fn() (which must block until its work is done),
+    after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def block_macs(n: int, d: int, mlp_ratio: float = 4.0) -> float:

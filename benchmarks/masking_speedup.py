@@ -20,7 +20,6 @@ if __name__ == "__main__":  # the settings `python -m mae_st_jax.main` runs with
 
 import jax  # noqa: E402
 
-from mae_st_jax import masking  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 
@@ -36,8 +35,7 @@ def main():
         c = common.make_config(a.size, a.frames, a.img, a.batch, ratio, a.dtype)
         common.apply_overrides(c, a.set)
         m = c.model
-        grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
-        visible = masking.num_visible("random", grid, ratio)
+        visible = common.num_visible(m, ratio, "random")
         runs[name] = common.StepTimer(c)
         runs[name].warm(2)
         out[name] = {"visible_tokens": visible, "train_tflop_per_clip": common.train_flops_per_clip(m, visible) / 1e12,

@@ -14,15 +14,12 @@ own matmuls are not included. PyTorch is optional (imported only with --torch). 
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import jax  # noqa: E402
 
-from mae_st_jax import masking  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 PRODUCTS = ("forward", "input_grad", "weight_grad")
@@ -51,16 +48,6 @@ def step_shapes(m, num_visible: int) -> list[dict]:
     ]
 
 
-def median_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def time_jax(m_rows: int, k: int, n: int, dtype: str, iters: int) -> list[float]:
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (m_rows, k), dtype)
@@ -68,14 +55,14 @@ def time_jax(m_rows: int, k: int, n: int, dtype: str, iters: int) -> list[float]
     g = jax.random.normal(keys[2], (m_rows, n), dtype)
     fns = (jax.jit(lambda x, w: x @ w), jax.jit(lambda g, w: g @ w.T), jax.jit(lambda x, g: x.T @ g))
     args = ((x, w), (g, w), (x, g))
-    return [median_ms(lambda f=f, a=a: f(*a).block_until_ready(), iters) for f, a in zip(fns, args)]
+    return [common.median_ms(lambda f=f, a=a: f(*a).block_until_ready(), iters) for f, a in zip(fns, args)]
 
 
 def time_torch(m_rows: int, k: int, n: int, iters: int) -> list[float]:
     import torch
     x, w, g = torch.randn(m_rows, k), torch.randn(k, n), torch.randn(m_rows, n)
     fns = (lambda: x @ w, lambda: g @ w.T, lambda: x.T @ g)
-    return [median_ms(f, iters) for f in fns]
+    return [common.median_ms(f, iters) for f in fns]
 
 
 def main():
@@ -88,8 +75,7 @@ def main():
     c = common.make_config(a.size, a.frames, a.img, a.batch, a.mask_ratio, a.dtype)
     common.apply_overrides(c, a.set)
     m = c.model
-    grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
-    visible = masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
+    visible = common.num_visible(m)
     if a.torch:
         import torch
         if a.threads > 0:

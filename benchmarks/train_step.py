@@ -18,7 +18,6 @@ if __name__ == "__main__":  # the settings `python -m mae_st_jax.main` runs with
 
 import jax  # noqa: E402
 
-from mae_st_jax import masking  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 
@@ -38,8 +37,7 @@ def main():
                            a.fsdp)
     common.apply_overrides(c, a.set)
     m = c.model
-    grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
-    visible = masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
+    visible = common.num_visible(m)
     times, timer = common.time_steps(c, a.steps, repeats=a.repeats)
     step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
     flops = common.train_flops_per_clip(m, visible)
