@@ -124,14 +124,14 @@ def _attention_chunk_fwd(q, k, v, scale):
     return (out * inv_sum[..., None]).astype(q.dtype), row_max, inv_sum
 
 
-def _attention_chunk_bwd(q, k, v, row_max, inv_sum, out, g, scale):
+def _attention_chunk_bwd(q, k, v, row_max, inv_sum, delta, g, scale):
     # P = exp(S - max) / sum (rows); out = P v; dP = g v^T; dS = P * (dP - rowsum(P * dP)) with
     # rowsum(P * dP) = g . out. With e = exp(S - max) and g' = g / sum per query row:
-    # dS = e * (g' v^T - g' . out), dv = e^T g', dq = dS k * scale, dk = dS^T (q * scale).
+    # dS = e * (g' v^T - delta), delta = g' . out, dv = e^T g', dq = dS k * scale,
+    # dk = dS^T (q * scale).
     qs, logits = _scores(q, k, scale)  # recomputed: cheaper than keeping [N, N] per chunk
     e = jnp.exp(logits - row_max[..., None])
     g_scaled = g.astype(jnp.float32) * inv_sum[..., None]
-    delta = jnp.einsum("cqd,cqd->cq", g_scaled, out.astype(jnp.float32))
     dv = jnp.einsum("cqk,cqd->ckd", e.astype(v.dtype), g_scaled.astype(v.dtype),
                     preferred_element_type=jnp.float32)
     dp = jnp.einsum("cqd,ckd->cqk", g_scaled.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -162,7 +162,12 @@ def _softmax_attention_fwd(q, k, v, scale):
 def _softmax_attention_bwd(scale, res, g):
     qc, kc, vc, row_max, inv_sum, out = res
     gc = _to_chunks(g, qc.shape[1])
-    grads = jax.lax.map(lambda a: _attention_chunk_bwd(*a, scale), (qc, kc, vc, row_max, inv_sum, out, gc))
+    # delta (one number per query row) for all chunks before the loop: computed inside it, XLA:CPU
+    # put its row reduction into the YNNPACK fusion of the [c, N, N] dS product, which then ran at
+    # half the speed of the loop's other products (decoder attention fwd + bwd 63 -> 55 ms on the
+    # 2-core Zen 4, medians of 41 interleaved runs each).
+    delta = jnp.einsum("mcqd,mcqd->mcq", gc.astype(jnp.float32), out.astype(jnp.float32)) * inv_sum
+    grads = jax.lax.map(lambda a: _attention_chunk_bwd(*a, scale), (qc, kc, vc, row_max, inv_sum, delta, gc))
     return tuple(_from_chunks(x, g.shape) for x in grads)
 
 
