@@ -13,6 +13,13 @@ token), same batch, fp32, AdamW with the same weight-decay groups, gradient clip
 settings (reference_malloc), ours without them (ours_plain_malloc). All get the same cores: torch.set_num_threads(threads), and, where the machine has more than
 `threads` cores, both processes are pinned to cores 0..threads-1 with taskset (XLA:CPU sizes its
 thread pool from the cores the process may use).
+
+--paired keeps one process of each variant alive (train_step.py / torch_reference.py --serve,
+benchmarks/paired.py) and asks them in turn for --steps steps, --rounds times, the order reversed
+every other round, with --gap seconds of quiet before each turn. Each round then gives a ratio of two
+timings taken seconds apart, and the reported ratio is the median of these per-round ratios (its
+quartiles beside it): on a shared VM whose speed drifts over minutes, this compares the two sides
+under the same conditions, where whole runs minutes apart do not.
 """
 
 import argparse
@@ -74,6 +81,98 @@ def run(cmd, env=None) -> tuple[dict, dict]:
     return parse_json(proc.stdout), info
 
 
+def run_sequential(a, names, commands, runs):
+    """`a.rounds` rounds of one fresh process per variant (compile, warm-up, --repeats timings of
+    --steps steps). Returns (host_cpu, torch_build) as the processes report them."""
+    host_cpu = torch_build = None
+    for r in range(a.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            script, extra_env = VARIANTS[name]
+            out, info = run(commands[script], dict(os.environ, **extra_env))
+            host_cpu = host_cpu or out.get("host_cpu")
+            torch_build = torch_build or out.get("torch_build")
+            runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["median_step_s"],
+                               "cpu_s_per_step": out.get("cpu_s_per_step"),
+                               "minflt_per_step": out.get("minflt_per_step"), **info})
+            print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({out['median_step_s']:.3f} s/step)"
+                  f"  faults/step {out.get('minflt_per_step')}  load {info['load_before']:.2f} -> "
+                  f"{info['load_after']:.2f}  steal {info.get('cpu_steal_frac', float('nan')):.3f}",
+                  file=sys.stderr, flush=True)
+    return host_cpu, torch_build
+
+
+class Worker:
+    """One long-lived `--serve` process (benchmarks/paired.py): `steps(n)` times n steps there."""
+
+    def __init__(self, name, cmd, env, log):
+        self.name, self.cmd, self.log = name, cmd, log
+        self.proc = subprocess.Popen(cmd + ["--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=log, text=True, env=env)
+        self.info = self._answer()
+        if not self.info.get("ready"):
+            self._fail("no ready line")
+
+    def _fail(self, why):
+        self.proc.kill()
+        self.log.flush()
+        self.log.seek(0)
+        sys.stderr.write(self.log.read()[-4000:])
+        raise SystemExit(f"{self.name} worker: {why}: {' '.join(self.cmd)} --serve")
+
+    def _answer(self) -> dict:
+        while True:  # skip anything else a library prints to stdout
+            line = self.proc.stdout.readline()
+            if not line:
+                self._fail(f"exited ({self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def steps(self, n: int) -> dict:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=300)
+
+
+def run_paired(a, names, commands, runs):
+    """Start every variant's worker (one after the other, each compiled and warm before the next
+    starts), then `a.rounds` rounds of one `a.steps`-step timing each. Returns the workers' ready lines."""
+    import tempfile
+    workers, infos = {}, {}
+    try:
+        for name in names:
+            script, extra_env = VARIANTS[name]
+            log = tempfile.TemporaryFile("w+")
+            workers[name] = Worker(name, commands[script], dict(os.environ, **extra_env), log)
+            infos[name] = workers[name].info
+        for r in range(a.rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                time.sleep(a.gap)  # the other side's thread pools go idle
+                ticks0 = cpu_ticks()
+                out = workers[name].steps(a.steps)
+                ticks1 = cpu_ticks()
+                info = {}
+                if ticks0 and ticks1:
+                    info["cpu_steal_frac"] = round((ticks1[1] - ticks0[1]) / max(ticks1[2] - ticks0[2], 1), 3)
+                runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["step_s"],
+                                   "cpu_s_per_step": out.get("cpu_s_per_step"),
+                                   "minflt_per_step": out.get("minflt_per_step"), **info})
+                print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({out['step_s']:.3f} s/step)"
+                      f"  faults/step {out.get('minflt_per_step')}", file=sys.stderr, flush=True)
+        for w in workers.values():
+            w.close()
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
+    return infos
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref_dir", required=True)
@@ -87,6 +186,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per run; each run reports their median")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each, interleaved")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--paired", action="store_true",
+                    help="keep one process per variant alive and time them in turn (see above); --rounds "
+                         "is then the number of turns each, --steps the steps per turn, --repeats unused")
+    ap.add_argument("--gap", type=float, default=0.5, help="--paired: seconds of quiet before each turn")
     ap.add_argument("--target", type=float, default=1.3, help="the ratio to report pass/fail against")
     ap.add_argument("--variants", default="ours,reference,reference_malloc",
                     help="comma-separated, from %s, run in this order (reversed every other round); the "
@@ -108,26 +211,24 @@ def main():
         sys.exit(f"--variants: give at least two distinct names from {sorted(VARIANTS)}, got {a.variants!r}")
     commands = {"ours": ours, "reference": ref}
     runs = {n: [] for n in names}
-    host_cpu = torch_build = None  # as train_step.py / torch_reference.py report them
-    for r in range(a.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            script, extra_env = VARIANTS[name]
-            out, info = run(commands[script], dict(os.environ, **extra_env))
-            host_cpu = host_cpu or out.get("host_cpu")
-            torch_build = torch_build or out.get("torch_build")
-            runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["median_step_s"],
-                               "cpu_s_per_step": out.get("cpu_s_per_step"),
-                               "minflt_per_step": out.get("minflt_per_step"), **info})
-            print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({out['median_step_s']:.3f} s/step)"
-                  f"  faults/step {out.get('minflt_per_step')}  load {info['load_before']:.2f} -> "
-                  f"{info['load_after']:.2f}  steal {info.get('cpu_steal_frac', float('nan')):.3f}",
-                  file=sys.stderr, flush=True)
+    if a.paired:
+        infos = run_paired(a, names, commands, runs)
+        host_cpu = next((i["host_cpu"] for i in infos.values() if "host_cpu" in i), None)
+        torch_build = next((i["torch_build"] for i in infos.values() if "torch_build" in i), None)
+    else:
+        host_cpu, torch_build = run_sequential(a, names, commands, runs)
     med = {k: statistics.median(x["clips_per_s"] for x in v) for k, v in runs.items()}
     # the criterion's ratio does not depend on which variant ran first
     num, den = ("ours", "reference") if {"ours", "reference"} <= set(names) else names[:2]
     ratios = {f"{num}/{n}": med[num] / med[n] for n in names if n != num}
     ratio = med[num] / med[den]
+    paired = None
+    if a.paired:  # the same round's two timings: seconds apart, under the same machine conditions
+        per_round = [x["clips_per_s"] / y["clips_per_s"] for x, y in zip(runs[num], runs[den])]
+        q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+        paired = {"of": f"{num}/{den}", "per_round": per_round, "median": statistics.median(per_round),
+                  "quartiles": [q[0], q[2]], "ratio_of_medians": ratio}
+        ratio = paired["median"]
     # CPU seconds per clip (user + system of the benchmark process): less sensitive to other load
     cpu = {k: statistics.median(x["cpu_s_per_step"] / a.batch for x in v) for k, v in runs.items()}
 
@@ -138,7 +239,9 @@ def main():
     result = {"config": {k: v for k, v in vars(a).items() if k not in ("ref_dir", "shim_dir")},
               "cpus": os.cpu_count(), "host_cpu": host_cpu, "torch_build": torch_build, "commands": {n: shown(n) for n in names},
               "runs": runs, "median_clips_per_s": med, "ratios": ratios,
-              "ratio": {"of": f"{num}/{den}", "value": ratio},
+              "ratio": {"of": f"{num}/{den}", "value": ratio,
+                        "statistic": "median of per-round ratios" if a.paired else "ratio of median clips/s"},
+              "paired": paired,
               "median_cpu_s_per_clip": cpu, "target": a.target, "meets_target": ratio >= a.target}
     print(json.dumps(result, indent=1))
 

@@ -9,8 +9,9 @@ engine_pretrain.train_one_epoch with PRETRAIN.md's recipe: decoder 512 x 4 (16 h
 pred_t_dim = frames / 2, norm_pix_loss, sep_pos_embed and cls_embed on, fp32 (no autocast, the
 GradScaler disabled), per-iteration lr, AdamW (multi-tensor) betas (0.9, 0.95) with the
 reference's weight-decay groups, global-norm gradient clipping 0.02. Nothing from this
-repository is imported, so it runs with torch alone. Prints JSON with the same keys as
-benchmarks/train_step.py (median_step_s, clips_per_s, ...).
+repository is imported but benchmarks/paired.py (standard library only, for --serve), so it runs
+with torch alone. Prints JSON with the same keys as benchmarks/train_step.py (median_step_s,
+clips_per_s, ...); with --serve, times steps on request instead, as train_step.py --serve does.
 
 The reference imports timm (which imports torchvision at import time) and iopath; --shim_dir
 names a folder that provides `timm.models.layers` / `timm.models.vision_transformer`
@@ -92,6 +93,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve", action="store_true", help="after the warm-up steps, time steps on request "
+                                                         "(benchmarks/paired.py), for compare_torch.py --paired")
     a = ap.parse_args()
 
     import torch
@@ -133,17 +136,37 @@ def main():
     for _ in range(a.warmup):
         train_step(step)
         step += 1
-    times, cpu_s, minflt = [], [], []
-    for _ in range(a.repeats):
+
+    def timed(n):
+        """Wall seconds, CPU seconds and minor page faults per step over n steps."""
+        nonlocal step
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        for _ in range(a.steps):
+        for _ in range(n):
             train_step(step)
             step += 1
-        times.append((time.perf_counter() - t0) / a.steps)
+        wall = (time.perf_counter() - t0) / n
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu_s.append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / a.steps)
-        minflt.append((r1.ru_minflt - r0.ru_minflt) / a.steps)
+        return wall, (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / n, (r1.ru_minflt - r0.ru_minflt) / n
+
+    torch_build = {"cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+                   "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available()}
+    if a.serve:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import paired
+
+        def time_steps(n):
+            step_s, cpu, flt = timed(n)
+            return {"step_s": step_s, "clips_per_s": a.batch / step_s, "cpu_s_per_step": cpu, "minflt_per_step": flt}
+
+        paired.serve(time_steps, {"torch_build": torch_build, "torch_threads": torch.get_num_threads()})
+        return
+    times, cpu_s, minflt = [], [], []
+    for _ in range(a.repeats):
+        wall, cpu, flt = timed(a.steps)
+        times.append(wall)
+        cpu_s.append(cpu)
+        minflt.append(flt)
     step_s = statistics.median(times)
     grid = (a.frames // 2) * (a.img // SIZES[a.size][2]) ** 2
     visible = int(grid * (1 - a.mask_ratio))
@@ -155,9 +178,7 @@ def main():
               "train_tflop_per_clip": flops / 1e12, "achieved_tflops": flops * a.batch / step_s / 1e12,
               "num_params": sum(p.numel() for p in model.parameters()),
               # which kernels the matmuls ran: on the project's machines the ratio to ours moved with them
-              "torch_build": {"cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
-                              "mkl": torch.backends.mkl.is_available(),
-                              "mkldnn": torch.backends.mkldnn.is_available()}}
+              "torch_build": torch_build}
     print(json.dumps(result, indent=1))
 
 

@@ -18,7 +18,7 @@ if __name__ == "__main__":  # the settings `python -m mae_st_jax.main` runs with
 
 import jax  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, paired  # noqa: E402
 
 
 def main():
@@ -32,12 +32,27 @@ def main():
     ap.add_argument("--profile_dir", default="", help="after timing, trace 3 more steps there (jax.profiler)")
     ap.add_argument("--hlo_file", default="", help="write the compiled step's optimized HLO text there")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak x devices; 0 = known table")
+    ap.add_argument("--serve", action="store_true",
+                    help="after compile + 2 warm-up steps, time steps on request (benchmarks/paired.py): "
+                         "what compare_torch.py --paired runs")
     a = ap.parse_args()
     c = common.make_config(a.size, a.frames, a.img, a.batch, a.mask_ratio, a.dtype, a.remat, a.attention_impl,
                            a.fsdp)
     common.apply_overrides(c, a.set)
     m = c.model
     visible = common.num_visible(m)
+    if a.serve:
+        timer = common.StepTimer(c)
+        timer.warm(2)
+
+        def time_steps(n):
+            step_s = timer.time(n)
+            return {"step_s": step_s, "clips_per_s": a.batch / step_s, "cpu_s_per_step": timer.cpu_s[-1],
+                    "minflt_per_step": timer.minflt[-1]}
+
+        paired.serve(time_steps, {"host_cpu": common.cpu_description(), "compile_s": timer.compile_s,
+                                  "host_malloc": {k: os.environ[k] for k in host_malloc.SETTINGS if k in os.environ}})
+        return
     times, timer = common.time_steps(c, a.steps, repeats=a.repeats)
     step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
     flops = common.train_flops_per_clip(m, visible)

@@ -171,6 +171,66 @@ def test_compare_torch_runs_both_sides_and_reports_the_ratio(tmp_path):
     assert bad.returncode != 0 and "has no models_mae.py" in bad.stderr
 
 
+def test_compare_torch_paired_times_live_workers_in_turn(tmp_path):
+    # --paired: one long-lived process per variant, asked in turn; the ratio is the median of the
+    # per-round ratios of timings taken seconds apart, and each round's ratio is ours/reference of
+    # that round's two timings
+    import json
+    import os
+    import statistics
+    ref = tmp_path / "mae_st"
+    (ref / "util").mkdir(parents=True)
+    (ref / "models_mae.py").write_text(FAKE_MODELS_MAE)
+    (ref / "util" / "lr_sched.py").write_text(FAKE_LR_SCHED)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("MALLOC_")}
+    r = subprocess.run([sys.executable, "benchmarks/compare_torch.py", f"--ref_dir={ref}", "--size=vit_b",
+                        "--frames=4", "--img=32", "--batch=2", "--mask_ratio=0.5", "--steps=2", "--rounds=3",
+                        "--threads=1", "--paired", "--gap=0", "--variants=reference,ours"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    turns = [line.split()[1:3] for line in r.stderr.splitlines() if line.startswith("round ")]
+    assert turns == [["0", "reference"], ["0", "ours"], ["1", "ours"], ["1", "reference"],
+                     ["2", "reference"], ["2", "ours"]]
+    runs = out["runs"]
+    assert [x["round"] for x in runs["ours"]] == [0, 1, 2] == [x["round"] for x in runs["reference"]]
+    per_round = [o["clips_per_s"] / t["clips_per_s"] for o, t in zip(runs["ours"], runs["reference"])]
+    assert out["paired"]["per_round"] == pytest.approx(per_round)
+    assert out["ratio"]["value"] == pytest.approx(statistics.median(per_round))
+    assert out["ratio"]["statistic"] == "median of per-round ratios"
+    q1, q3 = out["paired"]["quartiles"]
+    assert min(per_round) <= q1 <= out["ratio"]["value"] <= q3 <= max(per_round)
+    med = out["median_clips_per_s"]
+    assert out["paired"]["ratio_of_medians"] == pytest.approx(med["ours"] / med["reference"])
+    for name, turns_of in runs.items():  # each turn timed 2 steps in a process that stayed alive
+        assert all(x["clips_per_s"] == pytest.approx(2 / x["median_step_s"]) for x in turns_of)
+    assert out["host_cpu"]["cores"] >= 1 and set(out["torch_build"]) == {"cpu_capability", "mkl", "mkldnn"}
+    # a worker that dies before it is ready is a one-line exit naming it
+    bad = subprocess.run([sys.executable, "benchmarks/compare_torch.py", f"--ref_dir={tmp_path}", "--rounds=1",
+                          "--paired", "--variants=ours,reference"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "reference worker: exited" in bad.stderr.splitlines()[-1]
+
+
+def test_paired_serve_answers_each_request_then_stops():
+    import io
+    import json
+    from benchmarks import paired
+    calls = []
+
+    def time_steps(n):
+        calls.append(n)
+        return {"step_s": 0.5 * n}
+
+    out = io.StringIO()
+    assert paired.serve(time_steps, {"who": "x"}, stdin=io.StringIO("3\n1\n\n7\n"), stdout=out) == 2
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert lines == [{"ready": True, "who": "x"}, {"step_s": 1.5}, {"step_s": 0.5}]
+    assert calls == [3, 1]  # the empty line ended it: 7 was never run
+    with pytest.raises(ValueError, match="positive integer"):
+        paired.serve(time_steps, {}, stdin=io.StringIO("0\n"), stdout=io.StringIO())
+
+
 def test_matmuls_benchmark_covers_the_steps_linear_layers():
     # every linear layer of the step, at the step's row counts, both libraries, and totals that are
     # the counted sums of what it lists
