@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 from mae_st_jax import config_lib, masking
-from mae_st_jax.models.mae import model_kwargs
-from mae_st_jax.train import optim, sharding as shd, step as step_lib, warm_start
+from mae_st_jax.models.mae import model_kwargs, token_grid
+from mae_st_jax.train import optim, sharding as shd, step as step_lib
 from mae_st_jax.models import MaskedAutoencoder, layers
 
 # dense bf16 peak TFLOP/s per chip (REFERENCE.md); match on jax's device_kind
@@ -74,7 +74,7 @@ def make_config(size: str, frames: int, img: int, batch: int, mask_ratio: float,
 
 def num_visible(m, mask_ratio: float | None = None, strategy: str | None = None) -> int:
     """Visible tokens per clip of model config `m` (its own mask ratio and strategy unless given)."""
-    return masking.num_visible(strategy or m.mask_strategy, warm_start.token_grid(m),
+    return masking.num_visible(strategy or m.mask_strategy, token_grid(m),
                                m.mask_ratio if mask_ratio is None else mask_ratio)
 
 

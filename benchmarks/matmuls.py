@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from mae_st_jax.train import warm_start  # noqa: E402
+from mae_st_jax.models.mae import token_grid  # noqa: E402
 
 PRODUCTS = ("forward", "input_grad", "weight_grad")
 
@@ -31,7 +31,7 @@ def step_shapes(m, num_visible: int) -> list[dict]:
     """The step's linear layers as {name, rows, k, n, count}: rows x k times k x n, count per step,
     for batch-1 rows (multiply rows by the batch)."""
     t, p = m.t_patch_size, m.patch_size
-    grid = math.prod(warm_start.token_grid(m))
+    grid = math.prod(token_grid(m))
     cls = int(m.cls_embed)
     e, d = m.embed_dim, m.decoder_embed_dim
     he, hd = int(e * m.mlp_ratio), int(d * m.mlp_ratio)

@@ -6,7 +6,7 @@ import ml_collections
 
 from mae_st_jax import masking
 from mae_st_jax.models import layers
-from mae_st_jax.models.mae import model_kwargs, target_frame_indices
+from mae_st_jax.models.mae import model_kwargs, target_frame_indices, token_grid
 
 MODES = ("pretrain", "finetune", "evaluate")
 SOURCES = ("synthetic", "tfrecord", "videos", "tfds")
@@ -166,9 +166,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         fail(f"config.model.mask_ratio={m.mask_ratio} must be in (0, 1)")
     if m.mask_strategy not in masking.STRATEGIES:
         fail(f"config.model.mask_strategy={m.mask_strategy!r}: choose one of {masking.STRATEGIES}")
-    grid = (m.num_frames // m.t_patch_size, m.img_size // m.patch_size, m.img_size // m.patch_size)
     try:
-        masking.num_visible(m.mask_strategy, grid, m.mask_ratio)
+        masking.num_visible(m.mask_strategy, token_grid(m), m.mask_ratio)
         target_frame_indices(m.num_frames, m.pred_t_dim, m.target_frames)
     except ValueError as e:
         fail(f"config.model: {e}")

@@ -215,6 +215,16 @@ def test_target_frame_indices():
         target_frame_indices(8, 16, "linspace")
 
 
+def test_token_grid_of_a_config_is_the_models_grid():
+    import ml_collections
+    cfg = dict(num_frames=16, img_size=112, patch_size=16, t_patch_size=2)
+    assert mae.token_grid(cfg) == (8, 7, 7)
+    assert mae.token_grid(ml_collections.ConfigDict(dict(cfg, num_frames=8, t_patch_size=4))) == (2, 7, 7)
+    assert mae.token_grid({k: v for k, v in cfg.items() if k != "patch_size"}) is None
+    model = MaskedAutoencoder(rngs=nnx.Rngs(0), **dict(model_kwargs("vit_s"), **cfg, depth=1, decoder_depth=1))
+    assert mae.token_grid(cfg) == model.geometry.grid
+
+
 def test_loss_from_call_matches_numpy():
     model = make_model()  # norm_pix_loss=True, target_frames='linspace'
     vid = video(3)

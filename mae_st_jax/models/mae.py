@@ -69,6 +69,14 @@ class VideoGeometry:
         return t * h * w
 
 
+def token_grid(model_config) -> tuple[int, int, int] | None:
+    """(T', H', W') of a model config (dict or ConfigDict), or None when it lacks the sizes."""
+    keys = ("num_frames", "img_size", "patch_size", "t_patch_size")
+    if not all(k in model_config for k in keys):
+        return None
+    return VideoGeometry(**{k: model_config[k] for k in keys}).grid
+
+
 class VideoEncoder(nnx.Module):
     """Patch embedding, cls token, learned position embeddings, blocks and final norm."""
 

@@ -7,21 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mae_st_jax.models.mae import token_grid
 from mae_st_jax.train import checkpoint, step as step_lib
 
 
 def is_encoder_param(name: str) -> bool:
     """False for the MAE decoder (decoder_*), its mask token and a classifier head."""
     return not (name.startswith("decoder_") or name in ("mask_token", "head"))
-
-
-def token_grid(model_config) -> tuple[int, int, int] | None:
-    """(T', H', W') of a model config (dict or ConfigDict), or None when it lacks the sizes."""
-    keys = ("num_frames", "t_patch_size", "img_size", "patch_size")
-    if not all(k in model_config for k in keys):
-        return None
-    side = model_config["img_size"] // model_config["patch_size"]
-    return model_config["num_frames"] // model_config["t_patch_size"], side, side
 
 
 def _grid_from_shapes(params) -> tuple[int, int, int] | None:
