@@ -132,17 +132,22 @@ def adjust_learning_rate(optimizer, epoch, args):
 '''
 
 
-def test_compare_torch_runs_both_sides_and_reports_the_ratio(tmp_path):
-    # the criterion's tool end to end, with a stand-in for the reference checkout (the real one is
-    # fetched outside the repo): every variant runs, in the given order, with its environment, and the
-    # JSON's medians, ratio (ours/reference, whichever ran first) and pass/fail follow from its runs
-    import json
+def _fake_reference(tmp_path):
+    """(a stand-in mae_st checkout, an environment without XLA/malloc settings) for compare_torch."""
     import os
     ref = tmp_path / "mae_st"
     (ref / "util").mkdir(parents=True)
     (ref / "models_mae.py").write_text(FAKE_MODELS_MAE)
     (ref / "util" / "lr_sched.py").write_text(FAKE_LR_SCHED)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("MALLOC_")}
+    return ref, {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("MALLOC_")}
+
+
+def test_compare_torch_runs_both_sides_and_reports_the_ratio(tmp_path):
+    # the criterion's tool end to end, with a stand-in for the reference checkout (the real one is
+    # fetched outside the repo): every variant runs, in the given order, with its environment, and the
+    # JSON's medians, ratio (ours/reference, whichever ran first) and pass/fail follow from its runs
+    import json
+    ref, env = _fake_reference(tmp_path)
     r = subprocess.run([sys.executable, "benchmarks/compare_torch.py", f"--ref_dir={ref}", "--size=vit_b",
                         "--frames=4", "--img=32", "--batch=2", "--mask_ratio=0.5", "--steps=1", "--repeats=1",
                         "--rounds=1", "--threads=1", "--target=1e9",
@@ -156,7 +161,9 @@ def test_compare_torch_runs_both_sides_and_reports_the_ratio(tmp_path):
     assert set(med) == {"ours", "reference", "reference_malloc"} and all(v > 0 for v in med.values())
     for name, runs in out["runs"].items():
         assert len(runs) == 1 and runs[0]["clips_per_s"] == med[name]
-    assert out["ratio"] == {"of": "ours/reference", "value": pytest.approx(med["ours"] / med["reference"])}
+    assert out["ratio"] == {"of": "ours/reference", "value": pytest.approx(med["ours"] / med["reference"]),
+                            "statistic": "ratio of median clips/s"}
+    assert out["paired"] is None
     assert out["ratios"] == {"ours/reference": pytest.approx(med["ours"] / med["reference"]),
                              "ours/reference_malloc": pytest.approx(med["ours"] / med["reference_malloc"])}
     assert out["meets_target"] is False  # target 1e9
@@ -176,13 +183,8 @@ def test_compare_torch_paired_times_live_workers_in_turn(tmp_path):
     # per-round ratios of timings taken seconds apart, and each round's ratio is ours/reference of
     # that round's two timings
     import json
-    import os
     import statistics
-    ref = tmp_path / "mae_st"
-    (ref / "util").mkdir(parents=True)
-    (ref / "models_mae.py").write_text(FAKE_MODELS_MAE)
-    (ref / "util" / "lr_sched.py").write_text(FAKE_LR_SCHED)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("MALLOC_")}
+    ref, env = _fake_reference(tmp_path)
     r = subprocess.run([sys.executable, "benchmarks/compare_torch.py", f"--ref_dir={ref}", "--size=vit_b",
                         "--frames=4", "--img=32", "--batch=2", "--mask_ratio=0.5", "--steps=2", "--rounds=3",
                         "--threads=1", "--paired", "--gap=0", "--variants=reference,ours"],
