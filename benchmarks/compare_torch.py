@@ -63,6 +63,24 @@ def cpu_ticks():
     return sum(v[:8]) - idle - steal, steal, sum(v[:8])
 
 
+def tick_fractions(ticks0, ticks1) -> dict:
+    """Whole-machine busy and hypervisor-steal fractions between two cpu_ticks() readings."""
+    if not (ticks0 and ticks1):
+        return {}
+    total = max(ticks1[2] - ticks0[2], 1)
+    return {"cpu_busy_frac": round((ticks1[0] - ticks0[0]) / total, 3),
+            "cpu_steal_frac": round((ticks1[1] - ticks0[1]) / total, 3)}
+
+
+def record(runs, name, r, step_s, out, info, note=""):
+    """Append one timing of variant `name` in round `r` to `runs` and print its line."""
+    runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": step_s,
+                       "cpu_s_per_step": out.get("cpu_s_per_step"), "minflt_per_step": out.get("minflt_per_step"),
+                       **info})
+    print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({step_s:.3f} s/step)"
+          f"  faults/step {out.get('minflt_per_step')}{note}", file=sys.stderr, flush=True)
+
+
 def run(cmd, env=None) -> tuple[dict, dict]:
     info = {"load_before": os.getloadavg()[0]}
     ticks0 = cpu_ticks()
@@ -70,11 +88,7 @@ def run(cmd, env=None) -> tuple[dict, dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     info["load_after"] = os.getloadavg()[0]
-    ticks1 = cpu_ticks()
-    if ticks0 and ticks1:  # whole-machine busy and hypervisor-steal fractions while it ran
-        total = max(ticks1[2] - ticks0[2], 1)
-        info["cpu_busy_frac"] = round((ticks1[0] - ticks0[0]) / total, 3)
-        info["cpu_steal_frac"] = round((ticks1[1] - ticks0[1]) / total, 3)
+    info.update(tick_fractions(ticks0, cpu_ticks()))  # the machine while it ran
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
@@ -92,13 +106,9 @@ def run_sequential(a, names, commands, runs):
             out, info = run(commands[script], dict(os.environ, **extra_env))
             host_cpu = host_cpu or out.get("host_cpu")
             torch_build = torch_build or out.get("torch_build")
-            runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["median_step_s"],
-                               "cpu_s_per_step": out.get("cpu_s_per_step"),
-                               "minflt_per_step": out.get("minflt_per_step"), **info})
-            print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({out['median_step_s']:.3f} s/step)"
-                  f"  faults/step {out.get('minflt_per_step')}  load {info['load_before']:.2f} -> "
-                  f"{info['load_after']:.2f}  steal {info.get('cpu_steal_frac', float('nan')):.3f}",
-                  file=sys.stderr, flush=True)
+            record(runs, name, r, out["median_step_s"], out, info,
+                   f"  load {info['load_before']:.2f} -> {info['load_after']:.2f}"
+                   f"  steal {info.get('cpu_steal_frac', float('nan')):.3f}")
     return host_cpu, torch_build
 
 
@@ -155,15 +165,7 @@ def run_paired(a, names, commands, runs):
                 time.sleep(a.gap)  # the other side's thread pools go idle
                 ticks0 = cpu_ticks()
                 out = workers[name].steps(a.steps)
-                ticks1 = cpu_ticks()
-                info = {}
-                if ticks0 and ticks1:
-                    info["cpu_steal_frac"] = round((ticks1[1] - ticks0[1]) / max(ticks1[2] - ticks0[2], 1), 3)
-                runs[name].append({"round": r, "clips_per_s": out["clips_per_s"], "median_step_s": out["step_s"],
-                                   "cpu_s_per_step": out.get("cpu_s_per_step"),
-                                   "minflt_per_step": out.get("minflt_per_step"), **info})
-                print(f"round {r} {name:17s} {out['clips_per_s']:.3f} clips/s ({out['step_s']:.3f} s/step)"
-                      f"  faults/step {out.get('minflt_per_step')}", file=sys.stderr, flush=True)
+                record(runs, name, r, out["step_s"], out, tick_fractions(ticks0, cpu_ticks()))
         for w in workers.values():
             w.close()
     finally:
