@@ -41,6 +41,7 @@ def main():
     common.apply_overrides(c, a.set)
     m = c.model
     visible = common.num_visible(m)
+    malloc_env = {k: os.environ[k] for k in host_malloc.SETTINGS if k in os.environ}  # as re-executed
     if a.serve:
         timer = common.StepTimer(c)
         timer.warm(2)
@@ -51,7 +52,7 @@ def main():
                     "minflt_per_step": timer.minflt[-1]}
 
         paired.serve(time_steps, {"host_cpu": common.cpu_description(), "compile_s": timer.compile_s,
-                                  "host_malloc": {k: os.environ[k] for k in host_malloc.SETTINGS if k in os.environ}})
+                                  "host_malloc": malloc_env})
         return
     times, timer = common.time_steps(c, a.steps, repeats=a.repeats)
     step_s, compile_s, memory = statistics.median(times), timer.compile_s, timer.memory
@@ -69,7 +70,7 @@ def main():
               "cpu_s_per_step": statistics.median(timer.cpu_s), "minflt_per_step": statistics.median(timer.minflt),
               "train_tflop_per_clip": flops / 1e12, "achieved_tflops": flops * a.batch / step_s / 1e12,
               "compile_s": compile_s,
-              "host_malloc": {k: os.environ[k] for k in host_malloc.SETTINGS if k in os.environ}}
+              "host_malloc": malloc_env}
     peak = common.peak_tflops(a.peak_tflops)
     if peak:
         result["mfu"] = result["achieved_tflops"] / peak
