@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_videos=4096, num_classes=8, video_frames=96, video_fps=30.0,  # synthetic source
         synthetic_radius=(0.075, 0.15), synthetic_speed=(0.015, 0.04),  # main shape size, px/frame: x side
         synthetic_classes=0,  # (shape, direction) classes the videos come from (0: num_classes)
-        synthetic_label="class",  # the label: "class", "shape" (4 kinds) or "direction" (8)
+        synthetic_label="class",  # the label: "class", "shape" (4 kinds), "direction" (8), "orientation" (4)
         synthetic_background="gradient",  # or "plain" (one colour per video)
         # validation: synthetic -> num_eval_videos held-out videos (indices after num_videos; 0: none);
         # real sources -> the videos at eval_path (tfrecord glob / list file / tfds name with eval_split),

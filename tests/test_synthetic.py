@@ -148,3 +148,40 @@ def test_label_by_shape_and_direction_and_plain_background():
         SyntheticVideos(label_by="colour", **kw)
     with pytest.raises(ValueError, match="radius"):
         SyntheticVideos(radius=(0.3, 0.1), **kw)
+
+
+def test_label_by_orientation_matches_the_rendered_background():
+    """The 'orientation' label is the axis along which the background's colour changes, read back from
+    the pixels by a least-squares plane fit per channel, mod 180 degrees, binned to 45 degrees."""
+    from mae_st_jax.data.synthetic import ORIENTATIONS, orientation_bin
+    n = 64
+    kw = dict(num_videos=n, num_classes=16, num_frames=4, height=48, width=48, seed=3, radius=(0.075, 0.08))
+    ds = SyntheticVideos(label_by="orientation", **kw)
+    by_class = SyntheticVideos(**kw)
+    yy, xx = np.mgrid[0:48, 0:48] + 0.5
+    design = np.stack([np.ones(48 * 48), xx.ravel(), yy.ravel()], 1)
+    labels, near_edge = [], 0
+    for i in range(n):
+        frame = ds.frames(i, [0])[0].reshape(-1, 3).astype(np.float64)
+        np.testing.assert_array_equal(frame, by_class.frames(i, [0])[0].reshape(-1, 3))  # the same videos
+        cx, cy = ds.centers(i, [0])[0]
+        dx, dy = (np.mod(d + 24, 48) - 24 for d in (xx.ravel() - cx, yy.ravel() - cy))  # toroidal offsets
+        background = np.hypot(dx, dy) > 0.08 * 48 * 1.2 + 2  # pixels the shape cannot touch
+        coef = np.linalg.lstsq(design[background], frame[background], rcond=None)[0][1:]  # [2 (x, y), 3]
+        strongest = coef[:, np.argmax(np.linalg.norm(coef, axis=0))]
+        if np.linalg.norm(strongest) * 48 < 20:  # end colours too alike for uint8 pixels to give the angle
+            continue
+        fitted = np.mod(np.arctan2(strongest[1], strongest[0]), np.pi)
+        offset = np.mod(fitted + np.pi / 8, np.pi / 4)  # bin edges at 22.5 + 45k degrees
+        if min(offset, np.pi / 4 - offset) < np.radians(2):  # within 2 degrees of a bin edge
+            near_edge += 1
+            continue
+        assert ds.label(i) == orientation_bin(fitted), i
+        assert ds.info(i).label == ds.label(i)
+        labels.append(ds.label(i))
+    assert len(labels) >= n // 2 and near_edge < n // 4
+    assert set(labels) == set(range(len(ORIENTATIONS)))
+    # the bins: 0 and 180 degrees are one axis, 22.4 rounds down, 22.6 up, 170 is horizontal again
+    assert [orientation_bin(np.radians(a)) for a in (0, 180, 22.4, 22.6, 90, 135, 170, -45)] == [0, 0, 0, 1, 2, 3, 0, 3]
+    with pytest.raises(ValueError, match="gradient"):
+        SyntheticVideos(label_by="orientation", background="plain", **kw)

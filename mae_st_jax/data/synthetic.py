@@ -17,7 +17,9 @@ CLASSES = (
     + tuple((s, d) for d in _DIAGONAL for s in _SHAPES)
 )
 SHAPES, DIRECTIONS = _SHAPES, _CARDINAL + _DIAGONAL
-LABEL_BY = ("class", "shape", "direction")
+# 'orientation' labels: the background gradient's axis (mod 180 degrees) in bins centred on these angles
+ORIENTATIONS = ("horizontal", "diagonal_down", "vertical", "diagonal_up")  # 0, 45, 90, 135 degrees
+LABEL_BY = ("class", "shape", "direction", "orientation")
 MIN_CONTRAST = 80.0  # minimum RGB distance between a shape colour and every background colour
 
 
@@ -53,6 +55,12 @@ def _coverage(kind: str, r: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray
     return alpha
 
 
+def orientation_bin(angle: float) -> int:
+    """Index in ORIENTATIONS of a gradient along `angle` (radians; image coordinates, y down): the axis
+    mod 180 degrees, rounded to the nearest multiple of 45 degrees."""
+    return int(np.floor(np.mod(angle, np.pi) / (np.pi / 4) + 0.5)) % len(ORIENTATIONS)
+
+
 def _window(center: np.ndarray, radius: float, n: int) -> np.ndarray:
     """Pixel indices [T, B] (mod n) of a window covering every pixel a shape of this radius can touch."""
     size = min(int(2 * radius) + 4, n)
@@ -65,8 +73,10 @@ class SyntheticVideos:
     num_distractors (0-2) adds smaller shapes with class-independent motion under the main shape.
     radius / speed: ranges of the main shape's size and speed (pixels per frame), as fractions of the
     shorter side. label_by: what `info().label` reports: the class index ('class'), the shape kind
-    ('shape': index in SHAPES) or the motion direction ('direction': index in DIRECTIONS); videos are
-    drawn from the first num_classes classes either way.
+    ('shape': index in SHAPES), the motion direction ('direction': index in DIRECTIONS) or the axis of
+    the background gradient ('orientation': index in ORIENTATIONS, the angle mod 180 degrees rounded
+    to the nearest multiple of 45; gradient backgrounds only); videos are drawn from the first
+    num_classes classes either way.
     """
 
     def __init__(self, num_videos: int, num_classes: int = 8, num_frames: int = 64, height: int = 64,
@@ -98,6 +108,8 @@ class SyntheticVideos:
         self.label_by = label_by
         if background not in ("gradient", "plain"):
             raise ValueError(f"background must be 'gradient' or 'plain', got {background!r}")
+        if label_by == "orientation" and background == "plain":
+            raise ValueError("label_by='orientation' needs gradient backgrounds (a plain one has no orientation)")
         self.background = background
 
     def __len__(self) -> int:
@@ -115,6 +127,8 @@ class SyntheticVideos:
             return SHAPES.index(CLASSES[cls][0])
         if self.label_by == "direction":
             return DIRECTIONS.index(CLASSES[cls][1])
+        if self.label_by == "orientation":
+            return orientation_bin(self._layout(index)[2])
         return cls
 
     def class_index(self, index: int) -> int:
