@@ -1,6 +1,7 @@
 """Shared benchmark helpers (no TensorFlow): configs from flags, the FLOP model, timing, peaks."""
 
 import ast
+import math
 import os
 import resource
 import statistics
@@ -99,7 +100,7 @@ def block_macs(n: int, d: int, mlp_ratio: float = 4.0) -> float:
 def train_flops_per_clip(m, num_visible: int) -> float:
     """~6x the forward multiply-adds (2 forward + 4 backward FLOPs per MAC), REFERENCE.md's model."""
     t, p = m.t_patch_size, m.patch_size
-    grid = (m.num_frames // t) * (m.img_size // p) ** 2
+    grid = math.prod(token_grid(m))  # tokens per clip
     cls = int(m.cls_embed)
     e, d = m.embed_dim, m.decoder_embed_dim
     u = t * m.pred_t_dim // m.num_frames
