@@ -166,7 +166,7 @@ def test_label_by_orientation_matches_the_rendered_background():
         np.testing.assert_array_equal(frame, by_class.frames(i, [0])[0].reshape(-1, 3))  # the same videos
         cx, cy = ds.centers(i, [0])[0]
         dx, dy = (np.mod(d + 24, 48) - 24 for d in (xx.ravel() - cx, yy.ravel() - cy))  # toroidal offsets
-        background = np.hypot(dx, dy) > 0.08 * 48 * 1.2 + 2  # pixels the shape cannot touch
+        background = np.hypot(dx, dy) > kw["radius"][1] * 48 * 1.2 + 2  # pixels no shape (triangles 1.2x) touches
         coef = np.linalg.lstsq(design[background], frame[background], rcond=None)[0][1:]  # [2 (x, y), 3]
         strongest = coef[:, np.argmax(np.linalg.norm(coef, axis=0))]
         if np.linalg.norm(strongest) * 48 < 20:  # end colours too alike for uint8 pixels to give the angle
