@@ -49,6 +49,18 @@ def test_demo_config_validates(num_devices):
     assert config_lib.warmup_steps(c) == 30
 
 
+def test_demo_long_differs_from_the_demo_in_targets_and_length_only():
+    base, long = demo().to_dict(), load("demo").get_config("long")
+    config_lib.validate(long, num_devices=1)
+    assert config_lib.total_steps(long) == 3000 and long.schedule_steps == 3000
+    assert base["model"]["norm_pix_loss"] is False and long.model.norm_pix_loss is True
+    changed = {k for k in base if base[k] != long.to_dict()[k]}
+    assert changed == {"model", "total_steps", "schedule_steps", "log_every_steps", "checkpoint_every_steps"}
+    assert {k for k, v in base["model"].items() if long.model[k] != v} == {"norm_pix_loss"}
+    with pytest.raises(ValueError, match="configs/demo.py:longer"):
+        load("demo").get_config("longer")
+
+
 @pytest.mark.parametrize("arg", PRETRAIN_ARGS)
 def test_pretrain_config_validates(arg):
     c = load("pretrain").get_config(arg)

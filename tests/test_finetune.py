@@ -391,3 +391,46 @@ def test_finetune_config_recipes(arg, width, depth, decay, drop_path, dropout, e
     demo = load_config_module("finetune").get_config("demo")
     config_lib.validate(demo, 8)
     assert demo.init_from == "" and demo.model.embed_dim == load_config_module("demo").get_config().model.embed_dim
+
+
+def test_demo_finetune_script_runs_three_stages_prints_their_top1_and_resumes(tmp_path):
+    """launch/demo_finetune.sh with tiny step counts: the pre-training is norm-pix (configs/demo.py:long),
+    only the first fine-tuning starts from it, the table printed is the runs' own eval_top1, and a second
+    call finds every stage finished and prints the same table."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    work = tmp_path / "w"
+    env = dict(os.environ, VENV=sys.prefix, PRETRAIN_FLAGS="--config.total_steps=3 --config.schedule_steps=3",
+               FINETUNE_FLAGS="--config.total_steps=4 --config.eval_every_steps=2")
+    cmd = ["bash", str(root / "launch" / "demo_finetune.sh"), str(work), "--config.data.num_eval_videos=24",
+           "--config.model.depth=1", "--config.warmup_steps=1", "--config.seed=3"]
+
+    def run():
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    first = run()
+    configs = {stage: json.loads((work / stage / "config.json").read_text()) for stage in
+               ("pretrain", "finetune", "scratch")}
+    assert configs["pretrain"]["model"]["norm_pix_loss"] is True and configs["pretrain"]["total_steps"] == 3
+    assert configs["finetune"]["init_from"] == str(work / "pretrain") and configs["scratch"]["init_from"] == ""
+    assert all(c["seed"] == 3 and c["model"]["depth"] == 1 for c in configs.values())
+    evals = {stage: {r["step"]: r["eval_top1"] for r in read_metrics(str(work / stage))
+                     if "eval_top1" in r} for stage in ("finetune", "scratch")}
+    assert sorted(evals["finetune"]) == sorted(evals["scratch"]) == [2, 4]
+    table = first.stdout.splitlines()
+    assert table[0].split() == ["step", "pre-trained", "scratch"]
+    for line, step in zip(table[1:3], (2, 4)):
+        got = [float(x.rstrip("%")) / 100 for x in line.split()[1:]]
+        assert line.split()[0] == str(step)
+        assert got == pytest.approx([evals["finetune"][step], evals["scratch"][step]], abs=5e-5)
+    assert table[3].startswith("validation top-1 at step 4: pre-trained ")
+    second = run()
+    assert second.stderr.count("Nothing to do: checkpoint step") == 3
+    assert second.stdout == first.stdout
