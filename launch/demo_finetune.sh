@@ -26,6 +26,8 @@ def top1(run):  # {step: validation top-1}, the last line of a step winning (a r
     return {r["step"]: r["eval_top1"] for r in rows if "eval_top1" in r}
 
 pre, scratch = top1("finetune"), top1("scratch")
+if not pre or not scratch:
+    sys.exit("no eval_top1 in finetune/ or scratch/ metrics.jsonl: was validation switched off (config.data.num_eval_videos=0)?")
 print(f"{'step':>6} {'pre-trained':>12} {'scratch':>8}")
 for step in sorted(set(pre) | set(scratch)):
     print(f"{step:>6} {pre.get(step, float('nan')):12.2%} {scratch.get(step, float('nan')):8.2%}")
