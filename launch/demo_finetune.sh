@@ -21,6 +21,8 @@ main --config=configs/finetune.py:demo --workdir="$WORKDIR/scratch" "$@" "${ft_f
 "$PYBIN" - "$WORKDIR" <<'PY'
 import json, pathlib, sys
 
+# metrics.jsonl read here, not with mae_st_jax.train.logging.read_metrics: importing that module loads
+# TensorFlow through CLU's writers (10-30 s here) for a three-line read
 def top1(run):  # {step: validation top-1}, the last line of a step winning (a resumed run repeats steps)
     rows = (json.loads(line) for line in (pathlib.Path(sys.argv[1]) / run / "metrics.jsonl").open())
     return {r["step"]: r["eval_top1"] for r in rows if "eval_top1" in r}

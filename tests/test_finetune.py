@@ -1,13 +1,18 @@
 """Fine-tuning: layer-decay scales, Mixup/CutMix against hand computations, soft-target loss,
 pos-embed resizing, init_from, validation with padded batches, and the end-to-end loop with resume."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_config_module
+from conftest import ROOT, load_config_module
 from mae_st_jax import config_lib
 from mae_st_jax.data import pipeline, validation
 from mae_st_jax.models import MaskedAutoencoder, VideoClassifier
@@ -397,17 +402,10 @@ def test_demo_finetune_script_runs_three_stages_prints_their_top1_and_resumes(tm
     """launch/demo_finetune.sh with tiny step counts: the pre-training is norm-pix (configs/demo.py:long),
     only the first fine-tuning starts from it, the table printed is the runs' own eval_top1, and a second
     call finds every stage finished and prints the same table."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[1]
     work = tmp_path / "w"
     env = dict(os.environ, VENV=sys.prefix, PRETRAIN_FLAGS="--config.total_steps=3 --config.schedule_steps=3",
                FINETUNE_FLAGS="--config.total_steps=4 --config.eval_every_steps=2")
-    cmd = ["bash", str(root / "launch" / "demo_finetune.sh"), str(work), "--config.data.num_eval_videos=24",
+    cmd = ["bash", str(ROOT / "launch" / "demo_finetune.sh"), str(work), "--config.data.num_eval_videos=24",
            "--config.model.depth=1", "--config.warmup_steps=1", "--config.seed=3"]
 
     def run():
