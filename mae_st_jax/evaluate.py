@@ -1,7 +1,8 @@
 """Multi-view test (`config.mode=evaluate`) and the view machinery the feature extractor shares.
 
 Each video gives K = config.test.temporal_views uniformly spaced clips (sampling.test_clip) x S =
-config.test.spatial_views crops (3: left/centre/right of the short-side-resized clip, 1: centre). The
+config.test.spatial_views crops (3: left/centre/right of the clip resized to short side img_size; 1: the centre
+crop of the clip resized to short side img_size * 256 / 224, as PySlowFast's one-crop test). The
 classifier's softmax is averaged over the K x S views of a video; top-1 / top-5 / per-class accuracy
 are computed over videos, and every video's prediction is written to `<workdir>/eval/predictions.csv`
 (plus `probs.npy` and `results.json`). Unreadable videos are skipped, counted and listed.
@@ -40,7 +41,8 @@ def video_views(source, index: int, config, temporal: int, spatial: int) -> tupl
         if spatial == 3:
             views.append(augment.test_crops(clip, m.img_size))
         else:
-            views.append(augment.center_crop(clip, m.img_size)[None])
+            # PySlowFast's one-crop test: short side to the train jitter's minimum (256 for 224), centre crop
+            views.append(augment.center_crop(clip, m.img_size, augment.jitter_min_scale(m.img_size))[None])
     return np.concatenate(views), int(info.label)
 
 

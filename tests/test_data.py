@@ -194,6 +194,24 @@ def test_augmentation_one_parameter_set_per_clip(shards, tiny_config):
     assert len({clip.tobytes() for clip in clips}) == 8  # repeat_aug clips of a video differ
 
 
+def test_validation_jitter_draws_as_pyslowfast(monkeypatch):
+    """random_short_side_scale_jitter: short side int(round(U(lo, hi))), ends half as likely; random_crop:
+    offset randint(0, h - size), never the last one."""
+    shorts, offsets = [], []
+    resize = augment.resize_short_side
+    monkeypatch.setattr(augment, "resize_short_side", lambda f, s: shorts.append(s) or resize(f, s))
+    crop = augment.crop_resize
+    monkeypatch.setattr(augment, "crop_resize", lambda f, box, *a: offsets.append(box[:2]) or crop(f, box, *a))
+    rng = np.random.default_rng(0)
+    frames = np.zeros((1, 8, 12, 3), np.uint8)
+    for _ in range(6000):
+        augment.jitter_crop(rng, frames, 8, scales=(10, 12))  # short side 10, 11 or 12; crop 8
+    counts = np.bincount(shorts, minlength=13)[10:]
+    np.testing.assert_allclose(counts / len(shorts), [0.25, 0.5, 0.25], atol=0.02)
+    tops = np.asarray([o[0] for o in offsets])
+    assert tops.min() == 0 and all(t < s - 8 for t, s in zip(tops, shorts))
+
+
 def test_hosts_read_disjoint_shards(shards, tiny_config):
     pattern = str(shards[0] / "*.tfrecord")
     hosts = [sources.TFRecordVideos(pattern, process_index=i, process_count=2) for i in (0, 1)]
@@ -273,6 +291,10 @@ def test_bad_input_stops_at_start(videos, shards, tiny_config, tmp_path):
     (tmp_path / "labels.txt").write_text(f"{videos / 'a.mp4'} 0\n{videos / 'b.mp4'} 7\n")
     with pytest.raises(ValueError, match="labels.txt entry 2 .* label 7 outside"):
         sources.VideoFiles(str(tmp_path / "labels.txt"), num_classes=5)
+    (tmp_path / "unlabelled.txt").write_text(f"{videos / 'a.mp4'} 0\n{videos / 'b.mp4'} -1\n")
+    with pytest.raises(ValueError, match="entry 2 .* label -1 outside \\[0, 5\\): .* need a label for every video"):
+        sources.VideoFiles(str(tmp_path / "unlabelled.txt"), num_classes=5)
+    assert sources.VideoFiles(str(tmp_path / "unlabelled.txt")).labels == [0, -1]  # pre-training: not checked
     with pytest.raises(ValueError, match=r"tfrecord record \d .* label 2 outside \[0, 2\)"):
         sources.TFRecordVideos(str(shards[0] / "*.tfrecord"), num_classes=2)
     config = _config(tiny_config, "tfrecord", shards[0] / "*.tfrecord")
@@ -281,6 +303,74 @@ def test_bad_input_stops_at_start(videos, shards, tiny_config, tmp_path):
         pipeline.make_source(config)
     config.mode = "pretrain"  # pre-training does not use labels
     assert len(pipeline.make_source(config)) == 8
+
+
+def test_list_labels_are_all_ints_or_all_names(tmp_path):
+    def listed(name, text):
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    # a comma splits a line at its last comma, so Kinetics class names keep their spaces
+    paths, labels, names = sources.read_list(listed("k.csv", "a.mp4,air drumming\nb.mp4,tuning guitar\n"
+                                                            "c.mp4,playing guitar\nd.mp4,air drumming\n"))
+    assert names == ["air drumming", "playing guitar", "tuning guitar"] and labels == [0, 2, 1, 0]
+    assert paths == [str(tmp_path / f) for f in ("a.mp4", "b.mp4", "c.mp4", "d.mp4")]
+    # one label that is not an int among ints is an error naming both lines, not a renumbering
+    with pytest.raises(ValueError, match=r"mixed.csv: line 1 has an integer label \(0\) but line 3 a class name "
+                                         r"\('l1'\)"):
+        sources.read_list(listed("mixed.csv", "a.mp4 0\nb.mp4 2\nc.mp4 l1\nd.mp4 10\n"))
+    with pytest.raises(ValueError, match="line 2 a class name \\('take2.mp4 3'\\)"):  # a comma in a path
+        sources.read_list(listed("comma.csv", "a.mp4 0\nclip,take2.mp4 3\n"))
+    with pytest.raises(ValueError, match="floats.csv:1: label '0.0' is a number but not an integer"):
+        sources.read_list(listed("floats.csv", "a.mp4 0.0\nb.mp4 1.0\nc.mp4 2.0\nd.mp4 10.0\n"))
+    # a validation list of names is numbered as the training list (here missing the class 'dog')
+    train = listed("train.csv", "a.mp4 cat\nb.mp4 dog\nc.mp4 fish\n")
+    val = listed("val.csv", "x.mp4 fish\ny.mp4 cat\n")
+    assert sources.read_list(val)[1] == [1, 0]  # its own numbering
+    assert sources.read_list(val, sources.read_list(train)[2])[1] == [2, 0]
+    with pytest.raises(ValueError, match="class 'bird' is not in the training list's class names"):
+        sources.read_list(listed("val2.csv", "x.mp4 bird\n"), ["cat", "dog", "fish"])
+
+
+def test_validation_list_numbered_as_the_training_list(videos, tiny_config, tmp_path):
+    from mae_st_jax.data import validation
+    (tmp_path / "val.csv").write_text(f"{videos / 'b.mp4'},dog\n{videos / 'c.mkv'},fish\n")  # no 'cat'
+    config = _config(tiny_config, "videos", videos / "list.csv")
+    config.mode, config.data.num_classes, config.data.eval_path = "finetune", 3, str(tmp_path / "val.csv")
+    source = validation.make_eval_source(config)
+    assert [source.info(k).label for k in range(2)] == [CLASSES.index("dog"), CLASSES.index("fish")]
+
+
+def test_converting_a_second_list_keeps_the_first_numbering(videos, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "train.csv").write_text(f"{videos / 'a.mp4'} cat\n{videos / 'b.mp4'} dog\n{videos / 'c.mkv'} fish\n")
+    (tmp_path / "val.csv").write_text(f"{videos / 'e.mp4'} dog\n{videos / 'f.mp4'} fish\n")  # no 'cat'
+    make_shards.convert(str(tmp_path / "train.csv"), str(out), 1, short_side=0, workers=1)
+    make_shards.convert(str(tmp_path / "val.csv"), str(out), 1, short_side=0, workers=1)
+    assert (out / "classes.txt").read_text().split() == ["cat", "dog", "fish"]
+    val = sources.TFRecordVideos(str(out / "val-*.tfrecord"))
+    assert sorted((val.info(k).name, val.info(k).label) for k in range(2)) == [("e", 1), ("f", 2)]
+    (tmp_path / "other.csv").write_text(f"{videos / 'h.mp4'} bird\n")
+    with pytest.raises(ValueError, match="is not in .*classes.txt"):
+        make_shards.convert(str(tmp_path / "other.csv"), str(out), 1, short_side=0, workers=1)
+
+
+def test_a_record_whose_bytes_changed_is_skipped(shards, tiny_config, tmp_path):
+    for f in shards[0].glob("*.tfrecord*"):
+        shutil.copy(f, tmp_path)
+    shard = sorted(tmp_path.glob("*.tfrecord"))[0]
+    index = records.load_index(str(shard))
+    data = bytearray(shard.read_bytes())
+    offset, length = index["offsets"][0], index["lengths"][0]
+    jpeg = bytes(data[offset:offset + length]).rfind(b"\xff\xd8")  # the last frame's JPEG
+    data[offset + jpeg + 600:offset + jpeg + 604] = b"\x00\xff\x00\xff"  # inside its entropy-coded data
+    shard.write_bytes(bytes(data))
+    parsed = records.parse_video(bytes(data[offset:offset + length]))  # still parses: only the CRC tells
+    assert len(parsed.frames) > 1
+    source = pipeline.make_source(_config(tiny_config, "tfrecord", tmp_path / "*.tfrecord"))
+    with pytest.raises(BadVideo, match="record 0: .* fails its data checksum"):
+        source.frames(0, [0])
+    assert source.frames(1, [0]).shape[0] == 1  # the other records read as before
 
 
 def test_pretrain_on_tfrecord_resumes_bit_exactly(shards, tiny_config, tmp_path):

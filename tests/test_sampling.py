@@ -44,6 +44,22 @@ def test_start_index_training_is_uniform_in_slack():
     assert starts[7] == np.random.default_rng(7).uniform(0, 36)
 
 
+def test_linspace_is_bit_equal_to_torch():
+    import torch  # a test dependency (setup.py's test extra): no skip
+    rng = np.random.default_rng(0)
+    for trial in range(20000):
+        n = int(rng.choice([1, 2, 3, 8, 16, 32, 64]))
+        start = float(rng.uniform(0, 3000)) if trial % 2 else float(rng.integers(0, 3000))
+        end = start + float(rng.choice([n * rng.integers(1, 9), rng.uniform(1, 300)])) - 1
+        ours = S.torch_linspace_f32(start, end, n)
+        assert ours.dtype == np.float32
+        assert np.array_equal(ours, torch.linspace(start, end, n).numpy()), (start, end, n)
+    # a clip (8 frames at rate 4 of a 25 fps video) where float64 np.linspace put frame 255, the reference 254
+    span = S.clip_span(8, 4, 25.0)
+    assert np.linspace(233.0, 233.0 + span - 1, 8).astype(int)[6] == 255
+    assert S.frame_indices(233.0, span, 8, 1000)[6] == torch.linspace(233.0, 233.0 + span - 1, 8).long()[6] == 254
+
+
 def test_frame_indices_hand_example():
     # linspace(0, 63, 16) has step 4.2; values are truncated toward zero
     got = S.frame_indices(0.0, 64.0, 16, 300)

@@ -53,15 +53,20 @@ def crop_resize(frames: np.ndarray, box, size: int, flip: bool = False, out: np.
     return out
 
 
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """(height, width) with the shorter side `short` and the longer floor(long / shorter * short), in
+    the reference's operation order (PySlowFast's short-side scale: float(long) / short_side first)."""
+    if h <= w:
+        return short, int(math.floor(float(w) / h * short))
+    return int(math.floor(float(h) / w * short)), short
+
+
 def resize_short_side(frames: np.ndarray, short: int) -> np.ndarray:
     """Every frame resized (bilinear) so its shorter side is `short`, keeping the aspect ratio."""
     h, w = frames.shape[1:3]
     if min(h, w) == short:
         return frames
-    if h <= w:
-        new_h, new_w = short, int(math.floor(w * short / h))
-    else:
-        new_h, new_w = int(math.floor(h * short / w)), short
+    new_h, new_w = short_side_size(h, w, short)
     return np.stack([cv2.resize(f, (new_w, new_h), interpolation=cv2.INTER_LINEAR) for f in frames])
 
 
@@ -75,12 +80,15 @@ def random_resized_crop(rng: np.random.Generator, frames: np.ndarray, size: int,
 
 def jitter_crop(rng: np.random.Generator, frames: np.ndarray, size: int, scales=(256, 320),
                 flip: bool = False) -> np.ndarray:
-    """Validation jitter: shorter side resized to an integer in [scales[0], scales[1]], a random
-    size x size crop, optionally a flip with p=0.5."""
-    short = int(rng.integers(scales[0], scales[1] + 1))
+    """Validation jitter, PySlowFast's random_short_side_scale_jitter + random_crop: shorter side
+    resized to round(U(scales[0], scales[1])) (so the two ends are half as likely as the sizes between),
+    a random size x size crop whose offset is drawn from [0, h - size) (the reference never takes the
+    last offset), optionally a flip with p=0.5."""
+    short = int(round(rng.uniform(scales[0], scales[1])))
     frames = resize_short_side(frames, short)
     h, w = frames.shape[1:3]
-    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    top = int(rng.integers(0, h - size)) if h > size else 0
+    left = int(rng.integers(0, w - size)) if w > size else 0
     mirror = bool(flip and rng.random() < 0.5)
     return crop_resize(frames, (top, left, size, size), size, mirror)
 
@@ -108,9 +116,15 @@ def test_crops(frames: np.ndarray, size: int) -> np.ndarray:
 test_crops.__test__ = False  # not a pytest test despite the name
 
 
-def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side resized to `size`, then the centre size x size crop (a no-op for size x size input)."""
+def jitter_min_scale(size: int) -> int:
+    """The short side PySlowFast's train jitter starts at (256 for 224 crops), scaled to `size`."""
+    return int(round(size * 256 / 224))
+
+
+def center_crop(frames: np.ndarray, size: int, short: int | None = None) -> np.ndarray:
+    """Shorter side resized to `short` (default `size`), then the centre size x size crop (a no-op for
+    size x size input)."""
     if frames.shape[1:3] == (size, size):
         return frames
-    frames = resize_short_side(frames, size)
+    frames = resize_short_side(frames, short or size)
     return crop_resize(frames, uniform_crop_box(*frames.shape[1:3], size, 1), size)

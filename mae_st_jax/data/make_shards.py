@@ -22,7 +22,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from mae_st_jax.data import records, sources, video_io
+from mae_st_jax.data import augment, records, sources, video_io
 
 _PROGRESS = None  # a worker's queue for one message per finished video
 
@@ -61,8 +61,7 @@ def _open(path: str, short_side: int, fps: float):
         stream = container.streams.video[0]
         h, w = stream.codec_context.height, stream.codec_context.width
     if short_side and h and w and min(h, w) != short_side:
-        scale = short_side / min(h, w)
-        h, w = (short_side, int(w * scale)) if h <= w else (int(h * scale), short_side)
+        h, w = augment.short_side_size(h, w, short_side)
         return video_io.iter_frames(path, fps, width=w, height=h)
     return video_io.iter_frames(path, fps)
 
@@ -118,16 +117,30 @@ def convert(csv: str, output_dir: str, num_shards: int, short_side: int = 256, f
     import tensorflow as tf
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards} must be >= 1")
+    # one numbering per output folder: a second list (val after train) of class names without its own
+    # classes.txt is numbered by the classes.txt the first one wrote there
+    classes_out = os.path.join(output_dir, "classes.txt")
+    known = None
+    if tf.io.gfile.exists(classes_out):
+        with tf.io.gfile.GFile(classes_out, "r") as f:
+            known = [l.strip() for l in f.read().splitlines() if l.strip()] or None
     if tf.io.gfile.isdir(csv):
         paths, labels, names = sources.list_folder(csv)
     else:
-        paths, labels, names = sources.read_list(csv)
+        paths, labels, names = sources.read_list(csv, known, f"{classes_out} (written by an earlier conversion)")
+    if names and known and names != known and set(names) <= set(known):  # a class folder missing a class
+        lookup = {n: i for i, n in enumerate(known)}
+        labels, names = [lookup[names[l]] for l in labels], known
+    if names and known and names != known:
+        raise ValueError(f"{csv}'s classes ({len(names)}, first {names[0]!r}) are not those of {classes_out} "
+                         f"({len(known)}, first {known[0]!r}) that an earlier conversion wrote: convert into another "
+                         f"--output_dir, or put the same classes.txt beside both lists")
     if num_shards > len(paths):
         logging.warning("--num_shards=%d is more than the %d videos: some shards will be empty", num_shards,
                         len(paths))
     tf.io.gfile.makedirs(output_dir)
-    if names:
-        with tf.io.gfile.GFile(os.path.join(output_dir, "classes.txt"), "w") as f:
+    if names and not known:
+        with tf.io.gfile.GFile(classes_out, "w") as f:
             f.write("".join(n + "\n" for n in names))
     prefix = prefix or os.path.splitext(os.path.basename(csv.rstrip("/")))[0] or "shard"
     order = np.random.default_rng(0).permutation(len(paths))  # mixes classes across shards

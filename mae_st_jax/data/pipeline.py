@@ -60,7 +60,7 @@ class ClipLoader:
         self.img_size = config.model.img_size
         # fine-tuning's RandAugment (one op draw per clip, all frames alike); pre-training has none
         spec = config.finetune.get("rand_augment", "") if config.mode == "finetune" and train else ""
-        self.rand_aug = randaug.parse(spec, config.data.mean)
+        self.rand_aug = randaug.parse(spec)
         self.repeat_aug = config.data.repeat_aug
         self.accum = config.grad_accum_steps
         self.micro = config.batch_size // self.accum
@@ -133,7 +133,7 @@ class ClipLoader:
                 continue
             for r, f, out in zip(rngs, np.split(frames, len(slots)), outs):
                 self._augment(r, f, out)
-            return [info.label] * len(slots), attempt * len(slots)
+            return [info.label] * len(slots), len(slots) if attempt else 0  # clips replaced, not tries
         raise RuntimeError(f"step {step}: {MAX_SKIPS} videos in a row could not be read (the last: video {video}, "
                            f"see the warnings above); check the files at config.data.path")
 

@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 
 import cv2
+import google_crc32c
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.example import example_pb2
@@ -126,12 +127,21 @@ _CRC_TABLE = _crc32c_table()
 
 
 def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (pure Python: used only for the 8-byte length headers)."""
+    """TFRecord's masked CRC-32C (pure Python: used for the 8-byte length headers)."""
     crc = 0xFFFFFFFF
     for b in data:
         crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
     crc ^= 0xFFFFFFFF
+    return _mask(crc)
+
+
+def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def masked_crc32c_fast(data: bytes) -> int:
+    """masked_crc32c of a whole record (google-crc32c's C code: ~4 GB/s)."""
+    return _mask(google_crc32c.value(data))
 
 
 def scan_offsets(path: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -188,7 +198,9 @@ def load_index(path: str) -> dict:
 
 
 class RecordReader:
-    """Thread-safe reads of records by (file, offset, length); a few open files kept per thread."""
+    """Thread-safe reads of records by (file, offset, length); a few open files kept per thread.
+    Each record's data CRC (the 4 bytes after it) is checked, as tf.data's TFRecordDataset does:
+    a record whose bytes changed raises OSError (a counted skip) instead of returning bad frames."""
 
     def __init__(self, max_open: int = 8):
         self._local = threading.local()
@@ -205,7 +217,10 @@ class RecordReader:
                 files.popitem(last=False)[1].close()
         files[path] = f
         f.seek(int(offset))
-        data = f.read(int(length))
-        if len(data) != length:
+        data = f.read(int(length) + 4)
+        if len(data) != length + 4:
             raise EOFError(f"{path}: short read at byte {offset}")
+        data, crc = data[:-4], struct.unpack("<I", data[-4:])[0]
+        if masked_crc32c_fast(data) != crc:
+            raise OSError(f"{path}: record at byte {offset} fails its data checksum (corrupt shard)")
         return data

@@ -152,9 +152,9 @@ class TFRecordVideos(_ShardedRecords):
             n, fps, label, name = len(p.frames), p.fps, p.label, p.name
         if n < 1 or not fps > 0:
             raise BadVideo(f"{self.where(index)} ({name}): {n} frames at {fps} fps")
-        if self.num_classes and not -1 <= label < self.num_classes:
+        if self.num_classes and not 0 <= label < self.num_classes:
             raise ValueError(f"{self.where(index)} ({name}) has label {label} outside [0, {self.num_classes}): "
-                             f"check config.data.num_classes")
+                             f"{_LABEL_HINT}")
         return VideoInfo(int(n), float(fps), int(label), str(name))
 
     def frames(self, index: int, frame_indices) -> np.ndarray:
@@ -168,48 +168,79 @@ def _parse_label(text: str):
         return text
 
 
-def read_list(path: str) -> tuple[list[str], list[int], list[str]]:
-    """(video paths, label indices, class names) of a list file with one `path label` per line,
-    space or comma separated. Labels are ints, or class names mapped through classes.txt beside the
-    list (one name per line) when present, else through the sorted unique names. Relative paths are
-    taken from the list's folder. Raises ValueError naming the file and line."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_list(path: str, class_names: list[str] | None = None,
+              class_names_from: str = "the training list's class names") -> tuple[list[str], list[int], list[str]]:
+    """(video paths, label indices, class names) of a list file with one `path label` per line.
+
+    A line with a comma splits at its last comma (Kinetics CSVs: class names may hold spaces), any other
+    line at its last whitespace (so a class name with spaces needs the comma). Labels are all ints, or all class names mapped through
+    classes.txt beside the list (one name per line) when present, else through `class_names` (e.g.
+    the training list's, so a validation list missing a class keeps the training numbering), else
+    through the sorted unique names. Relative paths are taken from the list's folder. Raises
+    ValueError naming the file and line (a mix of int and name labels, or numbers that are not ints,
+    is an error rather than a guess)."""
     if not tf.io.gfile.exists(path):
         raise ValueError(f"video list {path!r} does not exist")
     with tf.io.gfile.GFile(path, "r") as f:
-        lines = f.read().splitlines()
+        lines = [(number, line.strip()) for number, line in enumerate(f.read().splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
     base = os.path.dirname(path)
     entries = []  # (line number, path, label)
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in lines:
         parts = line.rsplit(",", 1) if "," in line else line.rsplit(None, 1)
         if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
             raise ValueError(f"{path}:{number}: expected 'path label', got {line!r}")
         video, label = parts[0].strip(), parts[1].strip()
-        if number == 1 and (video.lower(), label.lower()) == ("path", "label"):
+        if not entries and (video.lower(), label.lower()) == ("path", "label"):
             continue  # a header line
         if not (os.path.isabs(video) or "://" in video):
             video = os.path.join(base, video)
         entries.append((number, video, _parse_label(label)))
     if not entries:
         raise ValueError(f"video list {path!r} names no video")
-    labels = [e[2] for e in entries]
-    if all(isinstance(l, int) for l in labels):
-        return [e[1] for e in entries], labels, []
+    kinds = [isinstance(e[2], int) for e in entries]
+    if all(kinds):
+        return [e[1] for e in entries], [e[2] for e in entries], []
+    if any(kinds):
+        first_int, first_name = entries[kinds.index(True)], entries[kinds.index(False)]
+        raise ValueError(f"{path}: line {first_int[0]} has an integer label ({first_int[2]}) but line "
+                         f"{first_name[0]} a class name ({first_name[2]!r}): use one kind of label for every line")
     classes_file = os.path.join(base, "classes.txt")
     if tf.io.gfile.exists(classes_file):
         with tf.io.gfile.GFile(classes_file, "r") as f:
             names = [l.strip() for l in f.read().splitlines() if l.strip()]
+        origin = classes_file
+    elif class_names:
+        names, origin = list(class_names), class_names_from
     else:
-        names = sorted({str(l) for l in labels})
+        if all(_is_number(e[2]) for e in entries):
+            number, _, label = entries[0]
+            raise ValueError(f"{path}:{number}: label {label!r} is a number but not an integer: write class "
+                             f"indices as integers")
+        names, origin = sorted({e[2] for e in entries}), ""
     lookup = {n: i for i, n in enumerate(names)}
     indices = []
     for number, _, label in entries:
-        if str(label) not in lookup:
-            raise ValueError(f"{path}:{number}: class {label!r} is not in {classes_file}")
-        indices.append(lookup[str(label)])
+        if label not in lookup:
+            raise ValueError(f"{path}:{number}: class {label!r} is not in {origin}")
+        indices.append(lookup[label])
     return [e[1] for e in entries], indices, names
+
+
+def training_class_names(config) -> list[str] | None:
+    """The class names of the training list config.data.path (a `videos` list of names), else None."""
+    path = config.data.path
+    if not path or path == config.data.eval_path or not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+        return None
+    return read_list(path)[2] or None
 
 
 def list_folder(root: str) -> tuple[list[str], list[int], list[str]]:
@@ -226,15 +257,19 @@ def list_folder(root: str) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, names
 
 
+_LABEL_HINT = ("check config.data.num_classes (-1 marks an unlabelled video: fine-tuning and evaluation "
+               "need a label for every video)")
+
+
 def check_labels(labels, num_classes: int | None, where) -> None:
-    """ValueError naming where(k) for the first label outside [0, num_classes) (-1: unlabelled)."""
+    """ValueError naming where(k) for the first label outside [0, num_classes), -1 (unlabelled)
+    included; num_classes None (pre-training, which ignores labels) checks nothing."""
     if not num_classes:
         return
     labels = np.asarray(labels)
-    bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
-        raise ValueError(f"{where(bad[0])}: label {labels[bad[0]]} outside [0, {num_classes}): "
-                         f"check config.data.num_classes")
+        raise ValueError(f"{where(bad[0])}: label {labels[bad[0]]} outside [0, {num_classes}): {_LABEL_HINT}")
 
 
 class VideoFiles:
@@ -243,8 +278,9 @@ class VideoFiles:
 
     host_local = False
 
-    def __init__(self, list_path: str, *, num_classes: int | None = None, fps: float = 0.0):
-        self.paths, self.labels, self.class_names = read_list(list_path)
+    def __init__(self, list_path: str, *, num_classes: int | None = None, fps: float = 0.0,
+                 class_names: list[str] | None = None):
+        self.paths, self.labels, self.class_names = read_list(list_path, class_names)
         self.list_path, self.fps = list_path, fps
         check_labels(self.labels, num_classes, lambda k: f"{list_path} entry {k + 1} ({self.paths[k]})")
         local = [p for p in self.paths if "://" not in p]
@@ -341,18 +377,19 @@ class TFDSVideos(_ShardedRecords):
         p = self._parsed(index)
         if len(p.frames) < 1:
             raise BadVideo(f"{self.where(index)}: no frames")
-        if self.num_classes and not -1 <= p.label < self.num_classes:
+        if self.num_classes and not 0 <= p.label < self.num_classes:
             raise ValueError(f"{self.where(index)} has label {p.label} outside [0, {self.num_classes}): "
-                             f"check config.data.num_classes")
+                             f"{_LABEL_HINT}")
         return VideoInfo(len(p.frames), p.fps, p.label, p.name)
 
     def frames(self, index: int, frame_indices) -> np.ndarray:
         return _decode_frames(self._parsed(index).frames, frame_indices, self.where(index))
 
 
-def make_real_source(config, process_index: int, process_count: int):
+def make_real_source(config, process_index: int, process_count: int, class_names: list[str] | None = None):
     """The source named by config.data.source (not synthetic). Labels are checked against
-    config.data.num_classes except in pre-training, which does not use them."""
+    config.data.num_classes except in pre-training, which does not use them. class_names: how a
+    `videos` list of class-name labels without its own classes.txt numbers them (read_list)."""
     d = config.data
     if not d.path:
         raise ValueError(f"config.data.source={d.source!r} needs config.data.path (tfrecord: a glob of shards; "
@@ -363,7 +400,7 @@ def make_real_source(config, process_index: int, process_count: int):
         source = TFRecordVideos(d.path, num_classes=num_classes, process_index=process_index,
                                 process_count=process_count, num_workers=workers)
     elif d.source == "videos":
-        source = VideoFiles(d.path, num_classes=num_classes)
+        source = VideoFiles(d.path, num_classes=num_classes, class_names=class_names)
     elif d.source == "tfds":
         source = TFDSVideos(d.path, split=d.get("split", "train"), data_dir=d.get("data_dir", ""),
                             video_key=d.get("video_key", "video"), label_key=d.get("label_key", "label"),

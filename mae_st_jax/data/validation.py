@@ -52,7 +52,9 @@ def make_eval_source(config, limit: bool = True):
         eval_config.data.path, eval_config.data.split = d.eval_path, d.eval_split
         eval_config.mode = "finetune"  # labels are checked against num_classes
         eval_config.total_steps = max(1, config.total_steps)  # no epoch-size warning for the eval list
-    source = sources.make_real_source(eval_config, process_index=0, process_count=1)
+    # a validation list of class names without its own classes.txt is numbered as the training list
+    class_names = sources.training_class_names(config) if d.source == "videos" else None
+    source = sources.make_real_source(eval_config, process_index=0, process_count=1, class_names=class_names)
     if limit and 0 < d.num_eval_videos < len(source):
         source = HeldOut(source, 0, d.num_eval_videos)
     return source
@@ -69,7 +71,7 @@ def eval_clip(source, index: int, config):
     size = config.model.img_size
     if frames.shape[1:3] != (size, size):  # real videos: PySlowFast's val jitter (short side 256-320 at 224)
         from mae_st_jax.data import augment
-        scales = (int(round(size * 256 / 224)), int(round(size * 320 / 224)))
+        scales = (augment.jitter_min_scale(size), int(round(size * 320 / 224)))
         return augment.jitter_crop(rng, frames, size, scales, flip=config.data.flip), info.label
     if config.data.flip and rng.random() < 0.5:
         frames = frames[:, :, ::-1]
