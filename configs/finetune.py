@@ -80,7 +80,8 @@ def get_config(arg: str = "vit_l,k400"):
     c.model.update(model_kwargs(sizes[0]), num_frames=16, img_size=224, t_patch_size=2, sep_pos_embed=True,
                    cls_embed=True)
     dataset = datasets[0] if datasets else "synthetic"
-    c.data.update(DATASETS[dataset], sampling_rate=4, repeat_aug=2)
+    # repeat_aug 2 for B and L (mae_st's L command, PySlowFast's B config); PySlowFast's H config samples once
+    c.data.update(DATASETS[dataset], sampling_rate=4, repeat_aug=1 if sizes[0] == "vit_h" else 2)
     c.data.flip = dataset == "k400"  # SSv2 labels and our synthetic classes depend on left/right
     if dataset != "synthetic":
         c.data.source = "tfrecord"

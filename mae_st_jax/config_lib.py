@@ -269,7 +269,7 @@ def validate_finetune(config, num_devices: int, process_count: int = 1) -> None:
                           f"multiple of the {num_devices} devices and {process_count} processes")
     try:
         from mae_st_jax.data import randaug
-        randaug.parse(f.rand_augment, d.mean)
+        randaug.parse(f.rand_augment)
     except ValueError as e:
         raise ConfigError(f"config.finetune.rand_augment: {e}") from None
     if not 0.0 <= f.reprob <= 1.0:

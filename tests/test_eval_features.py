@@ -15,7 +15,7 @@ from flax import nnx
 
 from conftest import load_config_module
 from mae_st_jax import evaluate, features
-from mae_st_jax.data import fake_videos, make_shards, pipeline, randaug
+from mae_st_jax.data import augment, fake_videos, make_shards, pipeline, randaug
 from mae_st_jax.models import VideoClassifier
 from mae_st_jax.train import checkpoint, erasing, finetune, pretrain
 from mae_st_jax.train.finetune import classifier_kwargs
@@ -38,8 +38,9 @@ def finetune_config(c, **finetune_fields):
 
 
 def test_parse_rand_augment_spec():
-    p = randaug.parse("rand-m7-mstd0.5-inc1", mean=(0.45, 0.45, 0.45))
-    assert (p.magnitude, p.num_ops, p.magnitude_std, p.increasing, p.fill) == (7.0, 2, 0.5, True, (115, 115, 115))
+    p = randaug.parse("rand-m7-mstd0.5-inc1")
+    # fill: mae_st gives its rand_augment_transform no img_mean, so its ops fill with _FILL = 128 grey
+    assert (p.magnitude, p.num_ops, p.magnitude_std, p.increasing, p.fill) == (7.0, 2, 0.5, True, (128, 128, 128))
     assert p.ops == randaug.INCREASING_OPS and len(p.ops) == 15
     q = randaug.parse("rand-m9-n3-mstd0-inc0")
     assert (q.magnitude, q.num_ops, q.magnitude_std, q.increasing) == (9.0, 3, 0.0, False)
@@ -230,6 +231,31 @@ def test_multiview_evaluation_on_converted_shards(tiny_config, val_shards, tmp_p
         1, keepdims=True)).mean(0)
     np.testing.assert_allclose(probs[0], want, rtol=1e-4, atol=1e-6)
     assert int(rows[0]["pred"]) == int(np.argmax(want))
+
+
+def test_one_crop_view_is_the_centre_of_the_short_side_256_resize(tiny_config, val_shards):
+    c = finetune_config(tiny_config)
+    c.data.update(source="tfrecord", path="", eval_path=str(val_shards / "shards" / "*.tfrecord"), num_classes=3,
+                  sampling_rate=2)
+    source = evaluate.validation.make_eval_source(c, limit=False)
+    size = c.model.img_size
+    short = round(size * 256 / 224)
+    views, _ = evaluate.video_views(source, 0, c, 1, 1)
+    clip = source.frames(0, evaluate.sampling.test_clip(0, 1, source.info(0).num_frames, c.model.num_frames,
+                                                        c.data.sampling_rate, source.info(0).fps, c.data.target_fps))
+    assert min(clip.shape[1:3]) not in (size, short)  # the resize matters for this clip
+    resized = augment.resize_short_side(clip, short)
+    top, left = (resized.shape[1] - size + 1) // 2, (resized.shape[2] - size + 1) // 2
+    np.testing.assert_array_equal(views[0], resized[:, top:top + size, left:left + size])
+
+
+def test_head_bias_starts_as_pytorch_linear_default():
+    model = VideoClassifier(num_classes=400, rngs=nnx.Rngs(0), embed_dim=256, depth=1, num_heads=4,
+                            num_frames=4, img_size=32, patch_size=16, t_patch_size=2)
+    bias = np.asarray(model.head.bias[...])
+    bound = 1 / np.sqrt(256)
+    assert np.abs(bias).max() <= bound and np.abs(bias).max() > 0.9 * bound
+    assert bias.std() == pytest.approx(bound / np.sqrt(3), rel=0.15)  # uniform on [-bound, bound]
 
 
 def test_evaluate_refuses_a_pretraining_checkpoint(tiny_config, tmp_path):

@@ -378,12 +378,12 @@ def test_finetune_config_validation_names_the_field(tiny_config):
         config_lib.validate(c, 8)
 
 
-@pytest.mark.parametrize("arg,width,depth,decay,drop_path,dropout,epochs,lr,classes", [
-    ("vit_b,k400", 768, 12, 0.65, 0.1, 0.3, 75, 6e-4, 400),
-    ("vit_l,k400", 1024, 24, 0.75, 0.2, 0.3, 50, 2.4e-3 * 512 / 256, 400),
-    ("vit_h,ssv2", 1280, 32, 0.8, 0.2, 0.5, 75, 3e-4, 174),
+@pytest.mark.parametrize("arg,width,depth,decay,drop_path,dropout,epochs,lr,classes,repeat_aug", [
+    ("vit_b,k400", 768, 12, 0.65, 0.1, 0.3, 75, 6e-4, 400, 2),
+    ("vit_l,k400", 1024, 24, 0.75, 0.2, 0.3, 50, 2.4e-3 * 512 / 256, 400, 2),
+    ("vit_h,ssv2", 1280, 32, 0.8, 0.2, 0.5, 75, 3e-4, 174, 1),  # PySlowFast's H config samples each video once
 ])
-def test_finetune_config_recipes(arg, width, depth, decay, drop_path, dropout, epochs, lr, classes):
+def test_finetune_config_recipes(arg, width, depth, decay, drop_path, dropout, epochs, lr, classes, repeat_aug):
     c = load_config_module("finetune").get_config(arg)
     config_lib.validate(c, 8)
     assert (c.mode, c.model.embed_dim, c.model.depth, c.data.num_classes) == ("finetune", width, depth, classes)
@@ -392,7 +392,7 @@ def test_finetune_config_recipes(arg, width, depth, decay, drop_path, dropout, e
     assert optim.peak_learning_rate(c) == pytest.approx(lr, rel=1e-9)
     assert (f.mixup_alpha, f.cutmix_alpha, f.mixup_prob, f.switch_prob, f.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
     assert (o.b1, o.b2, o.weight_decay, o.min_lr, o.clip_grad, o.decay_tokens) == (0.9, 0.999, 0.05, 1e-6, 5.0, False)
-    assert (c.batch_size, c.data.repeat_aug, c.warmup_epochs) == (512, 2, 5.0)
+    assert (c.batch_size, c.data.repeat_aug, c.warmup_epochs) == (512, repeat_aug, 5.0)
     demo = load_config_module("finetune").get_config("demo")
     config_lib.validate(demo, 8)
     assert demo.init_from == "" and demo.model.embed_dim == load_config_module("demo").get_config().model.embed_dim

@@ -33,14 +33,16 @@ class Policy:
     magnitude_std: float = 0.5  # mstd (inf: uniform in [0, m])
     magnitude_max: float = MAX_LEVEL  # mmax
     increasing: bool = True  # inc
-    fill: tuple[int, int, int] = (115, 115, 115)  # mean colour for geometric ops (mae_st: round(255 * mean))
+    # the geometric ops' fill colour: mae_st passes no img_mean to its rand_augment_transform, so its
+    # ops fill with rand_augment.py's _FILL (128, 128, 128), not timm's round(255 * mean)
+    fill: tuple[int, int, int] = (128, 128, 128)
 
     @property
     def ops(self) -> tuple[str, ...]:
         return INCREASING_OPS if self.increasing else PLAIN_OPS
 
 
-def parse(spec: str, mean=(0.45, 0.45, 0.45)) -> Policy | None:
+def parse(spec: str) -> Policy | None:
     """'rand-m7-mstd0.5-inc1' -> Policy (keys m, n, mstd, mmax, inc, as timm); '' or 'none' -> None."""
     spec = (spec or "").strip()
     if spec.lower() in ("", "none"):
@@ -56,8 +58,7 @@ def parse(spec: str, mean=(0.45, 0.45, 0.45)) -> Policy | None:
         key, value = match.groups()
         kw[key] = float(value)
     policy = Policy(magnitude=kw.get("m", 7.0), num_ops=int(kw.get("n", 2)), magnitude_std=kw.get("mstd", 0.5),
-                    magnitude_max=kw.get("mmax", MAX_LEVEL), increasing=bool(kw.get("inc", 0)),
-                    fill=tuple(min(255, round(255 * x)) for x in mean))
+                    magnitude_max=kw.get("mmax", MAX_LEVEL), increasing=bool(kw.get("inc", 0)))
     if policy.num_ops < 1 or not 0 <= policy.magnitude <= policy.magnitude_max:
         raise ValueError(f"RandAugment spec {spec!r}: need n >= 1 and 0 <= m <= mmax")
     return policy
@@ -148,7 +149,7 @@ def _apply_one(img: Image.Image, name: str, arg, fill) -> Image.Image:
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
-def apply(frames: np.ndarray, ops: list[tuple[str, object]], fill=(115, 115, 115)) -> np.ndarray:
+def apply(frames: np.ndarray, ops: list[tuple[str, object]], fill=(128, 128, 128)) -> np.ndarray:
     """uint8 [T, H, W, 3] with the same ops applied to every frame (the input is returned if none fire)."""
     if not ops:
         return frames

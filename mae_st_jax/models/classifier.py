@@ -1,5 +1,7 @@
 """Fine-tuning classifier: the MAE-ST encoder on all tokens, mean-pooled, normed, dropout, linear head."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +26,12 @@ class VideoClassifier(VideoEncoder):
         # stochastic-depth rate of block i: linear from 0 to drop_path_rate over depth
         self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
         pdt = layers.to_dtype(encoder_kwargs.get("param_dtype", "float32"))
+        # bias: PyTorch's nn.Linear default U(-1/sqrt(E), 1/sqrt(E)), which mae_st leaves as it is (it
+        # re-initialises only head.weight)
+        bound = 1.0 / math.sqrt(self.embed_dim)
+        bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
         self.head = nnx.Linear(self.embed_dim, num_classes,
-                               kernel_init=nnx.initializers.normal(head_init_std), bias_init=layers.zeros,
+                               kernel_init=nnx.initializers.normal(head_init_std), bias_init=bias_init,
                                dtype=jnp.float32, param_dtype=pdt, rngs=rngs)
 
     def drop_scales(self, key: jax.Array, batch: int) -> jax.Array:

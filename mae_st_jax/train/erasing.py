@@ -1,7 +1,7 @@
 """Random erasing for video clips on device (timm/PySlowFast RandomErasing, mode 'pixel', one box, cube).
 
 Applied inside the jitted fine-tuning step to the normalised clips, after the crop and before Mixup/CutMix
-(mae_st's order). Per clip: with probability `prob`, up to 10 tries for a box of area U[min_area, max_area]
+(mae_st's order). Per clip: with probability `prob`, up to 100 tries (TRIES) for a box of area U[min_area, max_area]
 of the frame and log-uniform aspect in [min_aspect, 1 / min_aspect]; the first box that fits (h < H and
 w < W) is filled on every frame with N(0, 1) noise (fresh per pixel, channel and frame); no box fits ->
 the clip is unchanged. The box is the same for all frames of a clip.
@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-TRIES = 10
+TRIES = 100  # the reference's cube mode (_erase_cube) tries 100 boxes (its per-image mode 10)
 
 
 def erase_boxes(key: jax.Array, batch: int, height: int, width: int, prob: float, min_area: float = 0.02,
