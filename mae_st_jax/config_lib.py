@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import ml_collections
 
 from mae_st_jax import masking
@@ -181,9 +182,21 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         fail(f"config.model.remat={m.remat!r}: choose one of {sorted(layers.REMAT_POLICIES)}")
     if m.attention_impl not in ("", "xla", "cudnn", "reference"):
         fail(f"config.model.attention_impl={m.attention_impl!r}: choose '', 'xla', 'cudnn' or 'reference'")
+    if m.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        fail(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, and this is {jax.default_backend()}: "
+             f"use '' (the right kernel for the backend)")
+    if m.mask_strategy == "block" and min(m.mask_block_size) < 1:
+        fail(f"config.model.mask_block_size={tuple(m.mask_block_size)}: each side must be >= 1")
 
     if d.source not in SOURCES:
         fail(f"config.data.source={d.source!r}: choose one of {SOURCES}")
+    if d.source == "synthetic":
+        from mae_st_jax.data import synthetic
+        try:  # only checks its arguments: no frame is drawn
+            synthetic.from_config(config, max(1, d.num_videos))
+        except ValueError as e:
+            fail(f"config.data (the synthetic videos: synthetic_classes or num_classes, synthetic_label, "
+                 f"synthetic_background, video_frames, video_fps): {e}")
     tests_eval_set = config.mode == "evaluate" and config.test.split == "eval"  # reads eval_path only
     if d.source != "synthetic" and not d.path and not tests_eval_set:
         fail(f"config.data.source={d.source!r} needs config.data.path (tfrecord: a glob of shards, videos: a "
@@ -223,6 +236,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if config.data.source == "synthetic" and d.num_videos < config.batch_size // d.repeat_aug:
         fail(f"config.data.num_videos={d.num_videos} is smaller than the {config.batch_size // d.repeat_aug} "
              f"videos one step needs")
+    if config.total_steps < 0:
+        fail(f"config.total_steps={config.total_steps} must be >= 0 (0: config.num_epochs sets the length)")
     steps = total_steps(config)
     if steps < 1:
         fail(f"config.total_steps / config.num_epochs give {steps} steps: set config.total_steps > 0")
@@ -231,6 +246,10 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
              f"the {schedule_steps(config)} steps of the schedule (config.total_steps / schedule_steps)")
     if o.blr <= 0 and o.lr <= 0:
         fail("config.optim.blr (or config.optim.lr) must be positive")
+    if o.lr < 0:
+        fail(f"config.optim.lr={o.lr} must be >= 0 (0: blr x batch / 256)")
+    if not o.eps > 0:
+        fail(f"config.optim.eps={o.eps} must be > 0 (AdamW divides by sqrt(v) + eps)")
     if o.min_lr < 0 or o.weight_decay < 0 or o.clip_grad < 0:
         fail("config.optim.min_lr, weight_decay and clip_grad must be >= 0")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):

@@ -327,3 +327,22 @@ def test_derived_steps():
     assert config_lib.schedule_steps(c) == 384
     assert config_lib.warmup_steps(c) == 64
     config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("data.synthetic_classes", 99, ("synthetic_classes", "num_classes must be in [2, 32]")),
+    ("data.synthetic_label", "bogus", ("synthetic_label", "label_by")),
+    ("data.synthetic_background", "bogus", ("synthetic_background", "background")),
+    ("model.attention_impl", "cudnn", ("attention_impl='cudnn' needs an NVIDIA GPU",)),
+    ("model.mask_block_size", (0, 0, 0), ("mask_block_size=(0, 0, 0)",)),
+    ("optim.eps", 0.0, ("config.optim.eps=0.0 must be > 0",)),
+    ("optim.lr", -1e-3, ("config.optim.lr=-0.001 must be >= 0",)),
+    ("total_steps", -5, ("config.total_steps=-5 must be >= 0",)),
+])
+def test_values_that_used_to_fail_after_compiling_are_config_errors(field, value, words):
+    c = demo()
+    if field == "model.mask_block_size":
+        c.model.mask_strategy = "block"
+    section, name = field.split(".") if "." in field else (None, field)
+    (c[section] if section else c)[name] = value
+    expect_error(c, *words)
