@@ -54,6 +54,8 @@ def main(argv):
             finetune.train(config, FLAGS.workdir)
     except loop.RestoreError as e:
         sys.exit(f"resume: {e}")
+    except loop.USER_ERRORS as e:  # one line: what went wrong and what to do (the log above has the details)
+        sys.exit(f"error: {e}")
     if config.mode == "evaluate":
         from mae_st_jax import evaluate
         try:

@@ -29,6 +29,11 @@ def load_config_module(name: str):
 @pytest.fixture
 def tiny_config():
     """A seconds-scale pre-training config: tiny model, synthetic videos, batch 8."""
+    return tiny()
+
+
+def tiny():
+    """tiny_config's config, for code a test runs in a subprocess."""
     c = load_config_module("demo").get_config()
     c.model.update(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_frames=4,
                    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, pred_t_dim=2)

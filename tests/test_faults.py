@@ -3,7 +3,9 @@
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,6 +145,126 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_p
     assert "Resuming from checkpoint step 2" in caplog.text
     got = _losses(work)
     assert [got[s] for s in (3, 4, 5, 6)] == [expected[s] for s in (3, 4, 5, 6)]
+    # the unreadable step 4 was moved aside (kept), so the run saved step 4 again: every listed step reads
+    assert (work / "checkpoints_unreadable" / "4").is_dir()
+    assert _readable_steps(work) == [2, 4, 6]
+
+
+def _readable_steps(workdir) -> list[int]:
+    steps = []
+    for step in checkpoint.manager(str(workdir), async_save=False).all_steps():
+        mgr = checkpoint.manager(str(workdir), async_save=False)
+        try:
+            mgr.restore(step)
+            steps.append(step)
+        except Exception:
+            pass
+        finally:
+            mgr.close()
+    return sorted(steps)
+
+
+@pytest.mark.parametrize("damage", ["empty_newest", "corrupt_final"])
+def test_unreadable_final_checkpoint_is_set_aside_and_saved_again(tiny_config, tmp_path, caplog, damage):
+    """An empty step folder (Orbax lists it as committed) used to leave Orbax's manager unable to restore
+    the good older steps; a corrupt final step used to stay, the rerun's final save silently skipped."""
+    tiny_config.total_steps = 4
+    pretrain.train(tiny_config, str(tmp_path))  # checkpoints 2 and 4
+    expected = _losses(tmp_path)
+    step_dir = tmp_path / "checkpoints" / "4"
+    if damage == "empty_newest":
+        for child in step_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    else:
+        _corrupt(step_dir)
+    with caplog.at_level("INFO"):
+        pretrain.train(tiny_config, str(tmp_path))  # same total: redoes steps 3-4 from checkpoint 2
+    assert "Resuming from checkpoint step 2" in caplog.text and "Moved the unreadable checkpoint step 4" in caplog.text
+    assert _readable_steps(tmp_path) == [2, 4]
+    assert _losses(tmp_path)[4] == expected[4]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        pretrain.train(tiny_config, str(tmp_path))
+    assert "Nothing to do: checkpoint step 4" in caplog.text
+
+
+def test_init_from_skips_an_unreadable_newest_checkpoint(tiny_config, tmp_path):
+    tiny_config.total_steps = 4
+    pretrain.train(tiny_config, str(tmp_path))
+    step2 = checkpoint.manager(str(tmp_path), async_save=False).restore(2)["params"]
+    _corrupt(tmp_path / "checkpoints" / "4")
+    params, _ = checkpoint.load_params(str(tmp_path))
+    want = checkpoint.per_layer_blocks(jax.tree.map(np.asarray, step2))
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)))
+
+
+def test_second_run_on_a_workdir_in_use_stops_at_once(tiny_config, tmp_path):
+    with loop.WorkdirLock(str(tmp_path)):  # as a live run holds it
+        with pytest.raises(loop.WorkdirInUse, match=f"in use by pid {os.getpid()}"):
+            pretrain.train(tiny_config, str(tmp_path))
+        assert not (tmp_path / "metrics.jsonl").exists()
+    tiny_config.total_steps = 2
+    pretrain.train(tiny_config, str(tmp_path))  # the lock is gone with its holder
+    assert sorted(_losses(tmp_path)) == [1, 2]
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tiny_config, tmp_path, caplog):
+    tiny_config.total_steps = 2
+    pretrain.train(tiny_config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a crash mid-write
+    assert sorted(_losses(tmp_path)) == [1, 2]
+    tiny_config.total_steps = 4
+    with caplog.at_level("WARNING"):
+        pretrain.train(tiny_config, str(tmp_path))
+    assert "dropped 1 unparsable (torn) line" in caplog.text
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_user_errors_are_one_line(tmp_path):
+    """What a user causes prints one line and exits 1: no traceback."""
+    proc = _main(tmp_path / "a", "--config.total_steps=2", f"--config.init_from={tmp_path / 'nothing'}")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"error: config.init_from={tmp_path / 'nothing'}: ")
+    with loop.WorkdirLock(str(tmp_path / "b")):
+        proc = _main(tmp_path / "b", "--config.total_steps=2")
+        out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1] == (f"error: workdir {tmp_path / 'b'} is in use by pid {os.getpid()} on "
+                                            f"{socket.gethostname()}: wait for it, stop it, or choose another "
+                                            f"--workdir")
+
+
+def test_sigterm_during_the_final_save_commits_it(tmp_path):
+    """The SIGTERM handler stays installed while the final checkpoint commits: the signal waits for it."""
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {os.path.join(str(ROOT), 'tests')!r})
+from conftest import tiny
+from mae_st_jax.train import checkpoint, pretrain
+make, sent = checkpoint.manager, []
+def manager(*a, **k):
+    mgr = make(*a, **k)
+    wait = mgr.wait_until_finished
+    def wait_then_term():
+        if sys._getframe(1).f_code.co_name in ("run", "_run") and not sent:  # the loop's final wait, not Orbax's
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice arrives while the last save commits
+        return wait()
+    mgr.wait_until_finished = wait_then_term
+    return mgr
+checkpoint.manager = manager
+c = tiny()
+c.total_steps, c.async_checkpoints = 2, True
+pretrain.train(c, {str(tmp_path)!r})
+print("finished")
+"""
+    env = dict(os.environ, XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "finished" in proc.stdout, (proc.returncode, proc.stderr[-3000:])
+    assert _readable_steps(tmp_path) == [2]
 
 
 def _stack_blocks(tree: dict) -> dict:
@@ -192,6 +314,17 @@ def test_full_disk_fails_at_start(tiny_config, tmp_path, monkeypatch):
         pretrain.train(tiny_config, str(tmp_path))
 
 
+def test_free_space_check_counts_the_kept_checkpoints(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "_tree_bytes", lambda tree: 1000)
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: type("U", (), {"free": 3500})())
+    tiny_config.keep_checkpoints, tiny_config.total_steps = 3, 2  # 3 kept + 1 being written: 4000 bytes
+    with pytest.raises(loop.WorkdirError, match="config.keep_checkpoints=3"):
+        pretrain.train(tiny_config, str(tmp_path))
+    tiny_config.keep_checkpoints = 2  # 3000 bytes
+    pretrain.train(tiny_config, str(tmp_path))
+    assert sorted(_losses(tmp_path)) == [1, 2]
+
+
 def test_failing_checkpoint_write_stops_and_keeps_the_last_good_one(tiny_config, tmp_path, monkeypatch):
     real_save = checkpoint.save_state
 
@@ -202,7 +335,8 @@ def test_failing_checkpoint_write_stops_and_keeps_the_last_good_one(tiny_config,
 
     monkeypatch.setattr(checkpoint, "save_state", flaky)
     tiny_config.total_steps = 6
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(loop.WorkdirError, match="filled up while saving checkpoint step 4: the checkpoints "
+                                                "committed before it are intact"):
         pretrain.train(tiny_config, str(tmp_path))
     monkeypatch.setattr(checkpoint, "save_state", real_save)
     mgr = checkpoint.manager(str(tmp_path), async_save=False)

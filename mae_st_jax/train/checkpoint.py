@@ -7,6 +7,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 PARAMS_DIR, MODEL_JSON = "params", "model.json"
@@ -16,10 +17,10 @@ def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> o
     """CheckpointManager over `workdir/checkpoints`; only committed steps are listed."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(_absolute(workdir) / "checkpoints", options=options)
+    return ocp.CheckpointManager(absolute(workdir) / "checkpoints", options=options)
 
 
-def _absolute(path: str) -> epath.Path:
+def absolute(path: str) -> epath.Path:
     """Orbax wants absolute paths: resolve local relative ones (gs://... stays as is)."""
     return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
@@ -37,7 +38,7 @@ def _state_target(mgr: ocp.CheckpointManager, step: int):
     """Zero host arrays shaped like training checkpoint `step` (from its metadata): a restore
     target that reads it to host memory whatever devices it was saved from."""
     with ocp.StandardCheckpointer() as ckptr:
-        return _host_target(ckptr, _absolute(str(mgr.directory)) / str(step) / "default")
+        return _host_target(ckptr, absolute(str(mgr.directory)) / str(step) / "default")
 
 
 def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
@@ -45,6 +46,23 @@ def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
     blocks were stored per layer)."""
     params = _state_target(mgr, step).get("params", {})
     return isinstance(params, dict) and _is_stacked(params.get("blocks"))
+
+
+def describe_restore_failure(mgr: ocp.CheckpointManager, step: int, abstract_state, error: Exception) -> Exception:
+    """`error` from restoring `step`, with the leaves that differ between the checkpoint (its metadata)
+    and the train state named when the metadata reads: Orbax's own message stops at 'tree structures do
+    not match'."""
+    try:
+        target = _state_target(mgr, step)
+    except Exception:
+        target = None
+    if target is None:
+        return error
+    problems = tree_mismatches(target, abstract_state)
+    if not problems:
+        return error
+    return ValueError(f"it does not fit this run's train state ({len(problems)} differences: "
+                      f"{'; '.join(problems[:4])})")
 
 
 def tree_mismatches(tree, expected) -> list[str]:
@@ -107,19 +125,30 @@ def load_params(directory: str, abstract_params=None):
             return per_layer_blocks(params), model_config
     if (path / "checkpoints").exists():
         mgr = manager(str(path), async_save=False)
-        try:
-            step = mgr.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
-            if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
-                item = {"params": _state_target(mgr, step)["params"]}
-                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-            else:
-                item, restore_args = {"params": abstract_params}, None
-            restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True))
-        finally:
-            mgr.close()
+        steps = sorted(mgr.all_steps(), reverse=True)
+        mgr.close()
+        if not steps:
+            raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
+        restored = None
+        for step in steps:  # the newest that reads; a fresh manager each (a failed restore spoils one)
+            mgr = manager(str(path), async_save=False)
+            try:
+                if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
+                    item = {"params": _state_target(mgr, step)["params"]}
+                    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+                else:
+                    item, restore_args = {"params": abstract_params}, None
+                restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True))
+                break
+            except Exception as e:  # a corrupt or truncated step: the one before
+                logging.warning("init_from=%s: checkpoint step %d cannot be read (%s: %s); trying the previous one",
+                                directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            finally:
+                mgr.close()
+        if restored is None:
+            raise FileNotFoundError(f"init_from={directory}: none of its checkpoints ({', '.join(map(str, steps))}) "
+                                    f"can be read (the warnings above say why)")
         params = restored["params"]
         if abstract_params is None:
             params = per_layer_blocks(jax.tree.map(np.asarray, params))

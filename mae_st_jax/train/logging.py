@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+from absl import logging
 from clu import metric_writers
 
 
@@ -31,18 +32,37 @@ class MetricsLog:
         self.writer.close()
 
 
+def _parse_lines(path: str) -> tuple[list[str], list[dict], int]:
+    """(lines, their records, unparsable lines) of a metrics.jsonl; a line torn by a crash or a full
+    disk (a partial JSON object) is left out instead of stopping every later resume."""
+    lines, recs, bad = [], [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            lines.append(line if line.endswith("\n") else line + "\n")
+            recs.append(rec)
+    return lines, recs, bad
+
+
 def _truncate_after(path: str, step: int) -> None:
-    """Drop lines logged after `step` (they belong to steps a resumed run will redo)."""
+    """Drop lines logged after `step` (they belong to steps a resumed run will redo) and torn lines."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [l for l in f if l.strip()]
-    kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    lines, recs, bad = _parse_lines(path)
+    if bad:
+        logging.warning("%s: dropped %d unparsable (torn) line(s)", path, bad)
+    kept = [l for l, r in zip(lines, recs) if r.get("step", 0) <= step]
+    if len(kept) != len(lines) or bad:
         with open(path, "w") as f:
             f.writelines(kept)
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(l) for l in f if l.strip()]
+    """The records of workdir/metrics.jsonl in order (torn lines left out)."""
+    return _parse_lines(os.path.join(workdir, "metrics.jsonl"))[1]

@@ -2,11 +2,14 @@
 (fresh, init_from or resumed from the newest readable checkpoint), steps with logging, periodic
 async checkpoints, preemption (SIGTERM or JAX's notice: save, wait, exit 0) and data-skip limits."""
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -54,56 +57,173 @@ class StopSignal:
 def check_writable(workdir: str) -> None:
     """Fail at start, naming the path, when the workdir cannot take a 1 MiB test write."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    probe = os.path.join(ckpt_dir, f".write_test_{jax.process_index()}")
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
-        probe = os.path.join(ckpt_dir, f".write_test_{jax.process_index()}")
         with open(probe, "wb") as f:
             f.write(b"\0" * (1 << 20))
             f.flush()
             os.fsync(f.fileno())
-        os.remove(probe)
     except OSError as e:
-        raise OSError(f"workdir {workdir} is not writable ({e.strerror or e}): choose another --workdir") from e
+        if os.path.exists(probe):
+            os.remove(probe)
+        if e.errno == errno.ENOSPC:
+            raise WorkdirError(f"workdir {workdir} is full (no space left on device): free space there (its "
+                          f"checkpoints are what a run resumes from) or choose another --workdir") from None
+        raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror or e}): choose another --workdir") from None
+    os.remove(probe)
 
 
-def check_free_space(workdir: str, state_bytes: int) -> None:
-    """Fail at start when a local workdir cannot hold two checkpoints of this state."""
+def check_free_space(workdir: str, state_bytes: int, keep: int = 1) -> None:
+    """Fail at start when a local workdir cannot hold the keep + 1 checkpoints of this state that exist
+    while a save is in flight (minus those already there, which the new ones replace)."""
     if "://" in workdir:
         return
-    free = shutil.disk_usage(os.path.join(workdir, "checkpoints")).free
-    if free < 2 * state_bytes:
-        raise OSError(f"workdir {workdir} has {free / 2**30:.2f} GiB free, less than two checkpoints "
-                      f"({2 * state_bytes / 2**30:.2f} GiB): free space or choose another --workdir")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    free = shutil.disk_usage(ckpt_dir).free
+    have = sum(1 for d in os.listdir(ckpt_dir) if d.isdigit())
+    need = max(1, keep + 1 - have) * state_bytes
+    if free < need:
+        raise WorkdirError(f"workdir {workdir} has {free / 2**30:.2f} GiB free, less than the {need / 2**30:.2f} GiB "
+                      f"that config.keep_checkpoints={keep} checkpoints (plus one being written) need: free space, "
+                      f"keep fewer checkpoints, or choose another --workdir")
 
 
-def restore_newest(mgr, abstract_state):
-    """(state, step) from the newest checkpoint that restores; unreadable ones are skipped with a warning."""
-    for step in sorted(mgr.all_steps(), reverse=True):
+def restore_newest(make_manager, abstract_state):
+    """(state, step, unreadable steps) from the newest checkpoint that restores; newer ones that do not
+    are listed with a warning each. Every attempt gets its own CheckpointManager (make_manager()): a
+    failed restore of an item-less step folder leaves Orbax's manager unable to restore any other."""
+    probe = make_manager()
+    try:
+        steps = sorted(probe.all_steps(), reverse=True)
+        directory = probe.directory
+    finally:
+        probe.close()
+    unreadable = []
+    for step in steps:
+        mgr = make_manager()
         try:
             try:
-                return checkpoint.restore_state(mgr, step, abstract_state), step
-            except Exception:
-                if not checkpoint.has_stacked_blocks(mgr, step):
-                    raise
+                return checkpoint.restore_state(mgr, step, abstract_state), step, unreadable
+            except Exception as first:
+                try:
+                    stacked = checkpoint.has_stacked_blocks(mgr, step)
+                except Exception:
+                    stacked = False
+                if not stacked:
+                    raise checkpoint.describe_restore_failure(mgr, step, abstract_state, first) from first
             logging.warning("Checkpoint step %d in %s has its blocks stacked on one [depth] axis (written "
-                            "before they were stored per layer): splitting them per layer", step, mgr.directory)
-            return checkpoint.restore_stacked_state(mgr, step, abstract_state), step
+                            "before they were stored per layer): splitting them per layer", step, directory)
+            return checkpoint.restore_stacked_state(mgr, step, abstract_state), step, unreadable
         except Exception as e:  # a corrupt or truncated checkpoint: fall back to the one before
             logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
-                            step, mgr.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-    return None, None
+                            step, directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            unreadable.append(step)
+        finally:
+            mgr.close()
+    return None, None, unreadable
+
+
+def set_aside(workdir: str, steps) -> None:
+    """Move unreadable checkpoint steps newer than the one resumed from out of `checkpoints/` (into
+    `checkpoints_unreadable/STEP`, never deleted): Orbax would otherwise skip saving those steps
+    again (it saves no step at or below the newest it lists), silently losing e.g. the final one."""
+    if not steps or jax.process_index() != 0:
+        return
+    from etils import epath
+    base = checkpoint.absolute(workdir)
+    aside = base / "checkpoints_unreadable"
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        src, dst = base / "checkpoints" / str(step), aside / str(step)
+        if dst.exists():
+            dst = aside / f"{step}.{int(time.time())}"
+        try:
+            src.rename(dst)
+        except Exception as e:
+            raise WorkdirError(f"cannot move the unreadable checkpoint {src} aside to {dst} ({e}): move or delete it "
+                          f"by hand, or the run will not save step {step} again") from e
+        logging.warning("Moved the unreadable checkpoint step %d to %s", step, dst)
+    del epath
 
 
 class RestoreError(RuntimeError):
     """A workdir holds checkpoints, but none of them fits this run's train state."""
 
 
+class WorkdirError(OSError):
+    """The workdir cannot be written or cannot hold the run's checkpoints."""
+
+
+class DataError(RuntimeError):
+    """Too many clips came from unreadable videos."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient (the state is not saved)."""
+
+
+class InitFromError(ValueError):
+    """config.init_from cannot be read or does not fit the model."""
+
+
+# what a user can cause and fix: main.py prints these as one line (exit 1) instead of a traceback
+USER_ERRORS = (RestoreError, WorkdirError, DataError, NonFiniteError, InitFromError)
+
+
 def _tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shardings: dict, model_json: dict,
-        init_params=None, after_step=None, name: str = "Training") -> Outcome:
+class WorkdirInUse(WorkdirError):
+    """Another live process is training in this workdir."""
+
+
+class WorkdirLock:
+    """An exclusive flock on `workdir/.lock` (local workdirs, process 0) for the whole run, so a second
+    run started on the same workdir stops at once instead of truncating the first one's metrics and
+    racing its checkpoints. The kernel drops the lock when its process dies: no stale locks."""
+
+    def __init__(self, workdir: str):
+        self.path = None if "://" in workdir or jax.process_index() else os.path.join(workdir, ".lock")
+        self._file = None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        import fcntl
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise WorkdirInUse(f"workdir {os.path.dirname(self.path)} is in use by {holder}: wait for it, stop it, "
+                               f"or choose another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()  # releases the flock
+            self._file = None
+
+
+def run(config, workdir: str, **kwargs) -> Outcome:
+    """Train `config` in `workdir` (see _run), holding the workdir's lock."""
+    check_writable(workdir)
+    with WorkdirLock(workdir):
+        return _run(config, workdir, **kwargs)
+
+
+def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shardings: dict, model_json: dict,
+         init_params=None, after_step=None, name: str = "Training") -> Outcome:
     """Train `config` in `workdir`.
 
     model_fn(rngs) builds the model; make_train_step(graphdef, state_shardings) gives the jitted step;
@@ -111,21 +231,33 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
     may return extra metrics to log (validation).
     """
     total = config_lib.total_steps(config)
-    check_writable(workdir)
-    mgr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    make_manager = lambda: checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
+                                              async_save=config.async_checkpoints)
+    mgr = make_manager()
     fresh = not mgr.all_steps()
-    params = init_params() if (init_params is not None and fresh) else None
-    graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
-    check_free_space(workdir, _tree_bytes(state))
+    params = None
+    try:
+        if init_params is not None and fresh:
+            params = init_params()
+        graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
+    except (FileNotFoundError, ValueError) as e:
+        if params is None and not (init_params is not None and fresh):
+            raise
+        mgr.close()
+        raise InitFromError(f"config.init_from={config.init_from}: {' '.join(str(e).split())}") from e
+    check_free_space(workdir, _tree_bytes(state), config.keep_checkpoints)
     start = 0
     if not fresh:
-        restored, step = restore_newest(mgr, step_lib.abstract_with_shardings(state, state_sh))
+        mgr.close()
+        restored, step, unreadable = restore_newest(make_manager, step_lib.abstract_with_shardings(state, state_sh))
         if restored is None:
-            mgr.close()  # stop Orbax's threads before the error propagates (its restore threads
-            # may still print asyncio 'Event loop is closed' tracebacks: seen in CI, harmless)
-            raise RestoreError(f"no checkpoint in {mgr.directory} can be restored into this run's state (the "
-                               "warnings above say why: another model size or config, or an older mae_st_jax "
-                               "whose optimizer state differs): move it away to start afresh")
+            raise RestoreError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')} can be restored into "
+                               "this run's state (the warnings above say why: another model size or config, or an "
+                               "older mae_st_jax whose optimizer state differs): move it away to start afresh")
+        if unreadable:
+            set_aside(workdir, unreadable)
+            distributed.barrier("unreadable checkpoints set aside")
+        mgr = make_manager()  # lists the steps as they are now
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:
@@ -153,8 +285,8 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
     clips_seen, data_skipped = 0, 0  # this process, this run
     preempted, compiled = False, False
     logging.info("%s steps %d..%d, %d clips per step", name, start + 1, total, config.batch_size)
-    try:
-        with StopSignal() as stop:
+    with StopSignal() as stop:  # also over the final save's commit: a SIGTERM there waits for it
+        try:
             for step, host_batch in loader.iterate(start, prefetch=config.data.prefetch):
                 if step >= total:
                     break
@@ -169,7 +301,7 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
                 clips_seen += host_batch["video"].shape[0] * host_batch["video"].shape[1]
                 data_skipped += int(host_batch.get("skipped", 0))
                 if data_skipped > config.data.max_skip_fraction * clips_seen and data_skipped > 0:
-                    raise RuntimeError(f"{data_skipped} of {clips_seen} clips came from unreadable videos, more than "
+                    raise DataError(f"{data_skipped} of {clips_seen} clips came from unreadable videos, more than "
                                        f"config.data.max_skip_fraction={config.data.max_skip_fraction}: check the data")
                 for h in hooks:
                     h(done)
@@ -192,18 +324,50 @@ def run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shar
                 preempted = stop.received or mgr.reached_preemption(done)
                 if done % config.checkpoint_every_steps == 0 or done == total or preempted:
                     _check_finite(jax.device_get(metrics), done, config)  # never save a non-finite state
-                    checkpoint.save_state(mgr, done, state, force=preempted)
+                    with _disk_full_is_one_line(workdir, done):
+                        saved = checkpoint.save_state(mgr, done, state, force=preempted)
+                    if not saved:
+                        logging.warning("Checkpoint step %d was not saved (Orbax lists a step >= %d in %s)", done,
+                                        done, mgr.directory)
                 if preempted:
-                    mgr.wait_until_finished()
+                    with _disk_full_is_one_line(workdir, done):
+                        mgr.wait_until_finished()
                     logging.warning("Stopped for preemption after step %d: checkpoint committed in %s", done,
                                     mgr.directory)
                     break
-    finally:
-        mgr.wait_until_finished()
-        mgr.close()
-        log.flush()
-        log.close()
+        finally:
+            try:
+                with _disk_full_is_one_line(workdir, "the last"):
+                    mgr.wait_until_finished()
+            finally:
+                mgr.close()
+                log.flush()
+                log.close()
     return Outcome(last, state, graphdef, preempted)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(workdir: str, step):
+    """A full disk while saving (Orbax raises it from its writer threads, hundreds of lines) becomes
+    one WorkdirError; the checkpoints committed before it stay as they were."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        raise WorkdirError(f"the disk of workdir {workdir} filled up while saving checkpoint step {step}: the "
+                           f"checkpoints committed before it are intact; free space (or lower "
+                           f"config.keep_checkpoints) and rerun to resume") from None
 
 
 def compile_step(train_step, state, batch):
@@ -251,5 +415,5 @@ def _check_finite(m: dict, done: int, config) -> None:
     """Stop on a non-finite loss or gradient (skipped updates are counted by the step instead)."""
     finite = bool(m.pop("finite", True))
     if not finite and not config.skip_nonfinite:
-        raise FloatingPointError(f"non-finite loss or gradient at step {done}: loss={m.get('loss')}, "
+        raise NonFiniteError(f"non-finite loss or gradient at step {done}: loss={m.get('loss')}, "
                                  f"grad_norm={m.get('grad_norm')} (config.skip_nonfinite=True skips such updates)")
