@@ -105,6 +105,13 @@ def test_injected_nan_stops_by_default_naming_the_step(tiny_config, tmp_path):
     mgr.close()
 
 
+def test_nan_between_logging_steps_names_the_range(tiny_config, tmp_path):
+    tiny_config.debug.inject_nan_at_step = 3  # step 4; the flag is read at steps 3 (log) and 6 (log, checkpoint)
+    tiny_config.update(log_every_steps=3, checkpoint_every_steps=6, total_steps=8)
+    with pytest.raises(loop.NonFiniteError, match=r"non-finite loss or gradient at one of steps 4\.\.6:"):
+        pretrain.train(tiny_config, str(tmp_path))
+
+
 def test_injected_nan_is_skipped_and_counted(tiny_config, tmp_path):
     tiny_config.debug.inject_nan_at_step = 2
     tiny_config.skip_nonfinite = True

@@ -283,6 +283,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
 
     last, t_last, step_last = {}, time.time(), start
     clips_seen, data_skipped = 0, 0  # this process, this run
+    checked_ok = start  # the newest step whose loss and gradient were seen finite
     preempted, compiled = False, False
     logging.info("%s steps %d..%d, %d clips per step", name, start + 1, total, config.batch_size)
     with StopSignal() as stop:  # also over the final save's commit: a SIGTERM there waits for it
@@ -307,7 +308,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
                     h(done)
                 if done % config.log_every_steps == 0 or done == total or done == start + 1:
                     m = jax.device_get(metrics)
-                    _check_finite(m, done, config)
+                    checked_ok = _check_finite(m, done, config, checked_ok)
                     now = time.time()
                     m["clips_per_sec"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
                     m["data_skipped"] = data_skipped
@@ -323,7 +324,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
                         t_last += time.time() - t_extra  # keep validation out of clips_per_sec
                 preempted = stop.received or mgr.reached_preemption(done)
                 if done % config.checkpoint_every_steps == 0 or done == total or preempted:
-                    _check_finite(jax.device_get(metrics), done, config)  # never save a non-finite state
+                    checked_ok = _check_finite(jax.device_get(metrics), done, config, checked_ok)  # never save NaNs
                     with _disk_full_is_one_line(workdir, done):
                         saved = checkpoint.save_state(mgr, done, state, force=preempted)
                     if not saved:
@@ -411,9 +412,13 @@ def log_memory_analysis(compiled, name: str = "Train step") -> dict | None:
     return sizes
 
 
-def _check_finite(m: dict, done: int, config) -> None:
-    """Stop on a non-finite loss or gradient (skipped updates are counted by the step instead)."""
+def _check_finite(m: dict, done: int, config, checked_ok: int) -> int:
+    """Stop on a non-finite loss or gradient (skipped updates are counted by the step instead); the
+    flag is read at logging and checkpoint steps only (no host sync in between), so the message gives
+    the range the first bad step lies in. Returns `done`, the newest step known to be fine."""
     finite = bool(m.pop("finite", True))
     if not finite and not config.skip_nonfinite:
-        raise NonFiniteError(f"non-finite loss or gradient at step {done}: loss={m.get('loss')}, "
-                                 f"grad_norm={m.get('grad_norm')} (config.skip_nonfinite=True skips such updates)")
+        first = f"step {done}" if checked_ok >= done - 1 else f"one of steps {checked_ok + 1}..{done}"
+        raise NonFiniteError(f"non-finite loss or gradient at {first}: loss={m.get('loss')}, "
+                             f"grad_norm={m.get('grad_norm')} (config.skip_nonfinite=True skips such updates)")
+    return done
