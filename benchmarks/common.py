@@ -98,7 +98,10 @@ def block_macs(n: int, d: int, mlp_ratio: float = 4.0) -> float:
 
 
 def train_flops_per_clip(m, num_visible: int) -> float:
-    """~6x the forward multiply-adds (2 forward + 4 backward FLOPs per MAC), REFERENCE.md's model."""
+    """~6x the forward multiply-adds (2 forward + 4 backward FLOPs per MAC), REFERENCE.md's model, with
+    the patch embedding counted on the visible patches only: our encoder gathers them before embedding,
+    where the reference embeds all L (REFERENCE.md's 0.28 / 0.49 / 0.81 TFLOP and 7.7x count it so;
+    here 0.267 / 0.476 / 0.790 and 7.91x for ViT-B / L / H at 16x224, mask 0.9)."""
     t, p = m.t_patch_size, m.patch_size
     grid = math.prod(token_grid(m))  # tokens per clip
     cls = int(m.cls_embed)

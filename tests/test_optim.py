@@ -170,7 +170,8 @@ def toy_config(decay_tokens=True, clip=0.5):
 
 
 def numpy_adamw(params, grads_list, *, lrs, decay, clip, b1=0.9, b2=0.95, eps=1e-8, wd=0.1):
-    """Clip by global norm -> Adam (bias-corrected) -> + wd * p where decayed -> * -lr."""
+    """Clip by global norm (torch's clip_grad_norm_: min(1, clip / (norm + 1e-6))) -> Adam (bias-corrected)
+    -> + wd * p where decayed -> * -lr."""
     flat_p = {k: np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(params).items()}
     m = {k: np.zeros_like(v) for k, v in flat_p.items()}
     v = {k: np.zeros_like(x) for k, x in flat_p.items()}
@@ -178,8 +179,9 @@ def numpy_adamw(params, grads_list, *, lrs, decay, clip, b1=0.9, b2=0.95, eps=1e
         g = {k: np.asarray(x, np.float64) for k, x in traverse_util.flatten_dict(grads).items()}
         if clip > 0:
             norm = math.sqrt(sum((x ** 2).sum() for x in g.values()))
-            if norm > clip:
-                g = {k: x * clip / norm for k, x in g.items()}
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                g = {k: x * coef for k, x in g.items()}
         for k in flat_p:
             m[k] = b1 * m[k] + (1 - b1) * g[k]
             v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
@@ -225,6 +227,46 @@ def test_one_adamw_step_matches_numpy(decay_tokens):
             np.testing.assert_allclose(got[k], adam_only - 2e-2 * 0.1 * p0[k], rtol=1e-4, atol=1e-6)
         else:
             np.testing.assert_allclose(got[k], adam_only, rtol=1e-4, atol=1e-6)
+
+
+def test_clipping_is_torch_clip_grad_norm():
+    """The first moment after one step is (1 - b1) x the clipped gradient: torch's, with its + 1e-6."""
+    import torch  # a test dependency (setup.py's test extra)
+    config = toy_config(True, clip=0.02)
+    grads = toy_grads(3, 1.0)
+    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in jax.tree.leaves(grads)))
+    grads = jax.tree.map(lambda g: g * np.float32(0.0201 / norm), grads)  # norm just above the clip
+    tx, _ = optim.make_optimizer(config, 100, 0)
+    params = jax.tree.map(jnp.asarray, toy_params())
+    _, state = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(params), params)
+    flat_g = traverse_util.flatten_dict(grads)
+    tensors = {k: torch.nn.Parameter(torch.zeros(v.shape)) for k, v in flat_g.items()}
+    for k, t in tensors.items():
+        t.grad = torch.from_numpy(np.array(flat_g[k]))
+    torch.nn.utils.clip_grad_norm_(list(tensors.values()), 0.02)
+    mu = traverse_util.flatten_dict(state.mu)
+    for k, t in tensors.items():
+        np.testing.assert_allclose(np.asarray(mu[k]), 0.1 * t.grad.numpy(), rtol=2e-6, atol=0, err_msg=str(k))
+    # optax's clip / norm would be off by ~5e-5 here: the test can tell the two apart
+    assert abs(0.02 / 0.0201 / (0.02 / (0.0201 + 1e-6)) - 1) > 4e-5
+
+
+def test_lr_follows_the_training_step_when_given():
+    """A skipped (non-finite) update does not advance the optimizer's count; the lr still follows the
+    loop's step, as the reference's per-iteration schedule."""
+    config = toy_config(True, clip=0.0)
+    tx, schedule = optim.make_optimizer(config, 100, 10)
+    params = jax.tree.map(jnp.asarray, toy_params())
+    grads = jax.tree.map(jnp.asarray, toy_grads(1, 1.0))
+    state = tx.init(params)
+    by_count, _ = tx.update(grads, state, params)  # count 0: lr 0 at the start of the warmup
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(by_count))
+    at5, _ = tx.update(grads, state, params, step=jnp.asarray(5))
+    at7, _ = tx.update(grads, state, params, step=jnp.asarray(7))
+    want = float(schedule(7)) / float(schedule(5))
+    assert 0 < float(schedule(5)) < float(schedule(7))
+    for a, b in zip(jax.tree.leaves(at5), jax.tree.leaves(at7)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a) * want, rtol=1e-5)
 
 
 def test_two_adamw_steps_with_clipping_match_numpy():

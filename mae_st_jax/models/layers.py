@@ -1,6 +1,7 @@
 """ViT building blocks for video: 3D patch embedding, pre-norm blocks, block runner, patchify."""
 
 import functools
+import math
 import os
 
 import jax
@@ -45,9 +46,13 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, t_patch: int, patch: int, in_chans: int, dim: int, *, dtype, param_dtype, rngs):
         kernel_init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2, 3), out_axis=4)
+        # bias: PyTorch's Conv3d default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which the reference keeps (it
+        # re-initialises only the conv's weight, and its _init_weights touches Linear and LayerNorm only)
+        bound = 1.0 / math.sqrt(in_chans * t_patch * patch * patch)
+        bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
         self.proj = nnx.Conv(in_chans, dim, kernel_size=(t_patch, patch, patch),
                              strides=(t_patch, patch, patch), padding="VALID",
-                             kernel_init=kernel_init, bias_init=zeros,
+                             kernel_init=kernel_init, bias_init=bias_init,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 

@@ -85,26 +85,29 @@ def make_optimizer(config, total_steps: int, warmup_steps: int, lr_scales=None):
 
 def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float, clip_grad: float = 0.0,
           decay_tokens: bool = True, lr_scales=None) -> optax.GradientTransformationExtraArgs:
-    """AdamW with optional clipping and per-parameter lr scales, numerically the optax chain
-    clip_by_global_norm, scale_by_adam, add_decayed_weights(mask), scale by lr_scales,
-    scale_by_learning_rate(schedule) (same operations in the same order)."""
+    """AdamW with optional clipping and per-parameter lr scales: the optax chain clip_by_global_norm,
+    scale_by_adam, add_decayed_weights(mask), scale by lr_scales, scale_by_learning_rate(schedule)
+    (same operations in the same order), except that clipping is PyTorch's clip_grad_norm_ (the
+    reference's): a factor min(1, clip / (norm + 1e-6)) where optax uses clip / norm above the clip."""
 
     def init_fn(params):
         zeros = lambda p: jnp.zeros_like(p)
         return AdamWState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
-    def update_fn(updates, state, params=None, *, grad_norm=None, **extra):
+    def update_fn(updates, state, params=None, *, grad_norm=None, step=None, **extra):
+        """step: the training step the lr follows (the loop's counter; default the optimizer's own count,
+        which a skipped non-finite update does not advance, as PyTorch's optimizer step count)."""
         del extra
         if params is None:
             raise ValueError("adamw needs the params (weight decay)")
         count = jnp.where(state.count < jnp.iinfo(jnp.int32).max, state.count + 1, state.count)  # saturates
         factor = None
-        if clip_grad > 0:  # clip: g * (clip / norm) where the norm is over the threshold
+        if clip_grad > 0:  # torch.nn.utils.clip_grad_norm_: g * min(1, clip / (norm + 1e-6))
             norm = optax.global_norm(updates) if grad_norm is None else grad_norm
-            factor = jnp.where(norm < clip_grad, 1.0, clip_grad / norm).astype(jnp.float32)
+            factor = jnp.minimum(1.0, clip_grad / (norm.astype(jnp.float32) + 1e-6)).astype(jnp.float32)
         c1 = 1 - jnp.asarray(b1, jnp.float32) ** count
         c2 = 1 - jnp.asarray(b2, jnp.float32) ** count
-        lr = schedule(state.count)
+        lr = schedule(state.count if step is None else step)
         decays = decay_mask(params, decay_tokens)
         scales = lr_scales if lr_scales is not None else jax.tree.map(lambda _: None, params)
 

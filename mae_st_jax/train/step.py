@@ -78,7 +78,8 @@ def apply_gradients(state, loss, grads, tx, schedule, skip_nonfinite: bool):
     grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if isinstance(tx, optax.GradientTransformationExtraArgs):  # ours (optim.adamw): reuse the norm
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm,
+                                       step=state["step"])  # the lr follows the step, skipped ones included
     else:
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
