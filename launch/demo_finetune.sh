@@ -14,10 +14,10 @@ cd "$ROOT"
 read -r -a pre_flags <<<"${PRETRAIN_FLAGS:-}"
 read -r -a ft_flags <<<"${FINETUNE_FLAGS:-}"
 main() { "$PYBIN" -m mae_st_jax.main "$@"; }
-main --config=configs/demo.py:long --workdir="$WORKDIR/pretrain" "$@" "${pre_flags[@]}"
+main --config=configs/demo.py:long --workdir="$WORKDIR/pretrain" "$@" ${pre_flags[@]+"${pre_flags[@]}"}
 main --config=configs/finetune.py:demo --workdir="$WORKDIR/finetune" --config.init_from="$WORKDIR/pretrain" \
-  "$@" "${ft_flags[@]}"
-main --config=configs/finetune.py:demo --workdir="$WORKDIR/scratch" "$@" "${ft_flags[@]}"
+  "$@" ${ft_flags[@]+"${ft_flags[@]}"}
+main --config=configs/finetune.py:demo --workdir="$WORKDIR/scratch" "$@" ${ft_flags[@]+"${ft_flags[@]}"}
 "$PYBIN" - "$WORKDIR" <<'PY'
 import json, pathlib, sys
 

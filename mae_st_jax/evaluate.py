@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mae_st_jax import config_lib
+from mae_st_jax import config_lib, fileio
 from mae_st_jax.data import augment, pipeline, sampling, validation
 from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.train import checkpoint, sharding as shd, step as step_lib
@@ -196,10 +196,10 @@ def _name(source, i: int) -> str:
 
 
 def write_predictions(directory: str, source, probs, labels, valid, bad, results: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    np.save(os.path.join(directory, "probs.npy"), probs.astype(np.float32))
+    fileio.makedirs(directory)
+    fileio.save_npy(os.path.join(directory, "probs.npy"), probs.astype(np.float32))
     k = min(5, probs.shape[1])
-    with open(os.path.join(directory, "predictions.csv"), "w", newline="") as f:
+    with fileio.open_file(os.path.join(directory, "predictions.csv"), "w") as f:
         w = csv.writer(f)
         w.writerow(["index", "name", "label", "pred", "prob", "correct", "top5"])
         bad = set(bad)
@@ -211,8 +211,7 @@ def write_predictions(directory: str, source, probs, labels, valid, bad, results
             top = np.argsort(-probs[i], kind="stable")[:k]
             w.writerow([i, name, int(labels[i]), int(top[0]), f"{probs[i, top[0]]:.6f}",
                         int(top[0] == labels[i]), " ".join(str(int(t)) for t in top)])
-    with open(os.path.join(directory, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    fileio.write_text(os.path.join(directory, "results.json"), json.dumps(results, indent=2, sort_keys=True))
 
 
 def run(config, workdir: str) -> dict:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_st_jax import fileio
 from mae_st_jax.models import VideoClassifier
 from mae_st_jax.train import step as step_lib
 
@@ -101,12 +102,10 @@ def main(argv):
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"features: {e}")
     if jax.process_index() == 0:
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-        np.save(os.path.join(FLAGS.output_dir, "features.npy"), feats)
-        np.save(os.path.join(FLAGS.output_dir, "labels.npy"), labels)
-        np.save(os.path.join(FLAGS.output_dir, "valid.npy"), valid)
-        with open(os.path.join(FLAGS.output_dir, "names.txt"), "w") as f:
-            f.write("\n".join(names) + "\n")
+        fileio.makedirs(FLAGS.output_dir)
+        for name, array in (("features", feats), ("labels", labels), ("valid", valid)):
+            fileio.save_npy(os.path.join(FLAGS.output_dir, f"{name}.npy"), array)
+        fileio.write_text(os.path.join(FLAGS.output_dir, "names.txt"), "\n".join(names) + "\n")
     logging.info("Wrote features %s of %d videos (%d unreadable) to %s", feats.shape, len(feats),
                  int((~valid).sum()), FLAGS.output_dir)
 

@@ -33,7 +33,7 @@ from absl import flags
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
-from mae_st_jax import masking
+from mae_st_jax import fileio, masking
 from mae_st_jax.data import augment, sampling, video_io
 from mae_st_jax.models import layers
 
@@ -217,7 +217,7 @@ def gif_frames(groups: list[tuple[str, dict[str, np.ndarray]]], captions: list[s
 
 
 def save_gif(path: str, images: list[Image.Image], frame_ms: int = GIF_FRAME_MS) -> None:
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    fileio.save_image(path, images[0], save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
 
 
 def _notes(norm_pix: bool) -> list[str]:
@@ -251,7 +251,7 @@ def reconstruction_figure(config, graphdef, params, source, path: str, indices=(
         groups.append((f"clip {index}, {_ratio_label(rec, long=True)}", rows_uint8(rec, config.data.mean,
                                                                                    config.data.std)))
     image, _ = grid_image(groups, [f"frames {list(model.target_frames)} of each clip"] + _notes(norm_pix))
-    image.save(path)
+    fileio.save_image(path, image)
     return np.asarray(image)
 
 
@@ -272,15 +272,14 @@ def read_checkpoint_settings(directory: str) -> Checkpoint:
     from mae_st_jax.train import checkpoint
     if not directory:
         fail("--init_from is required: a pre-training workdir or a directory from convert.from_torch")
-    if not os.path.isdir(directory):
+    if not (fileio._gfile().isdir(directory) if fileio.is_url(directory) else os.path.isdir(directory)):
         fail(f"--init_from={directory}: no such directory")
     path = os.path.join(directory, checkpoint.MODEL_JSON)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         fail(f"--init_from={directory}: no {checkpoint.MODEL_JSON}, so not a pre-training workdir or a "
              f"convert.from_torch directory")
     try:
-        with open(path) as f:
-            model_config = json.load(f)
+        model_config = json.loads(fileio.read_text(path))
     except (OSError, ValueError) as e:
         fail(f"{path}: unreadable ({e})")
     kind = model_config.pop("kind", "pretrain")
@@ -291,10 +290,9 @@ def read_checkpoint_settings(directory: str) -> Checkpoint:
     data = dict(mean=DEFAULT_MEAN, std=DEFAULT_STD, sampling_rate=DEFAULT_SAMPLING_RATE,
                 target_fps=DEFAULT_TARGET_FPS)
     config_path = os.path.join(directory, "config.json")
-    if os.path.exists(config_path):  # a workdir of ours: the training data settings
+    if fileio.exists(config_path):  # a workdir of ours: the training data settings
         try:
-            with open(config_path) as f:
-                saved = json.load(f).get("data", {})
+            saved = json.loads(fileio.read_text(config_path)).get("data", {})
         except (OSError, ValueError):
             saved = {}
         data.update({k: saved[k] for k in data if k in saved})
@@ -402,13 +400,13 @@ def run(init_from: str, video: str, output: str, mask_ratios=(0.9,), *, seed: in
     recs = [reconstruct(model, clip, noise, r)[0] for r in ratios]
     shown = [int(indices[i]) for i in model.target_frames]
     notes = _notes(recs[0].norm_pix)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fileio.makedirs(os.path.dirname(output if fileio.is_url(output) else os.path.abspath(output)))
     name = os.path.basename(video)
     boxes = {}
     if ext == ".png":
         groups = [(_ratio_label(r, long=True), rows_uint8(r, mean, std)) for r in recs]
         image, boxes = grid_image(groups, [f"{name} - video frames {shown}"] + notes)
-        image.save(output)
+        fileio.save_image(output, image)
     else:
         groups = [(_ratio_label(r, long=False), rows_uint8(r, mean, std)) for r in recs]
         per_frame = [f"{name} - frame {k + 1}/{len(shown)} (video frame {f})" for k, f in enumerate(shown)]

@@ -52,7 +52,7 @@ def _config(tiny_config, source, path):
 def test_converter_round_trip(videos, shards):
     out, summary = shards
     assert summary == {"videos": 10, "written": 8, "skipped": 2, "shards": NUM_SHARDS, "shards_reused": 0}
-    skipped = dict(line.split("\t") for line in (out / "skipped.txt").read_text().splitlines())
+    skipped = dict(line.split("\t") for line in (out / "list-skipped.txt").read_text().splitlines())
     assert sorted(os.path.basename(p) for p in skipped) == ["bad.mp4", "missing.mp4"]
     assert skipped[str(videos / "bad.mp4")].startswith("undecodable")
     assert skipped[str(videos / "missing.mp4")] == "missing file"
@@ -348,6 +348,7 @@ def test_converting_a_second_list_keeps_the_first_numbering(videos, tmp_path):
     make_shards.convert(str(tmp_path / "train.csv"), str(out), 1, short_side=0, workers=1)
     make_shards.convert(str(tmp_path / "val.csv"), str(out), 1, short_side=0, workers=1)
     assert (out / "classes.txt").read_text().split() == ["cat", "dog", "fish"]
+    assert (out / "train-skipped.txt").exists() and (out / "val-skipped.txt").exists()  # one per list
     val = sources.TFRecordVideos(str(out / "val-*.tfrecord"))
     assert sorted((val.info(k).name, val.info(k).label) for k in range(2)) == [("e", 1), ("f", 2)]
     (tmp_path / "other.csv").write_text(f"{videos / 'h.mp4'} bird\n")

@@ -411,6 +411,8 @@ def slurm_env(tmp_path, **extra):
         import json, os, sys
         if sys.argv[1:] == ["--version"]:
             print("Python 3.x"); sys.exit(0)
+        if sys.argv[1] == "-c":  # the script's GPU check (FAKE_NO_GPU: a CPU-only jax)
+            print("cpu"); sys.exit(1 if os.environ.get("FAKE_NO_GPU") else 0)
         json.dump({{"cwd": os.getcwd(), "argv": sys.argv[1:]}}, open({str(tmp_path / "main.json")!r}, "w"))
     """)
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(tmp_path / "venv"),
@@ -427,7 +429,7 @@ def test_slurm_script_runs_main_under_srun(tmp_path):
     assert got["cwd"] == str(ROOT)
     assert got["argv"] == ["-m", "mae_st_jax.main", "--config=configs/pretrain.py:vit_l,k400",
                            "--workdir=/shared/runs/vitl", "--config.total_steps=10"]
-    assert "--kill-on-bad-exit=1" in (tmp_path / "srun_args").read_text().split()
+    assert {"--kill-on-bad-exit=1", "--cpus-per-task=8"} <= set((tmp_path / "srun_args").read_text().split())
 
 
 @pytest.mark.parametrize("args, extra, word", [
@@ -435,6 +437,8 @@ def test_slurm_script_runs_main_under_srun(tmp_path):
     (["configs/nope.py", "/w"], {}, "configs/nope.py"),
     (["configs/demo.py", "/w"], {"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_PER_NODE": "8"}, "--gpus-per-node=8"),
     (["configs/demo.py", "/w"], {"VENV": "/nonexistent/venv"}, "VENV"),
+    (["configs/demo.py", "/w"], {"FAKE_NO_GPU": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_PER_NODE": "8"},
+     'sees no GPU (cpu): run'),
 ])
 def test_slurm_script_errors(tmp_path, args, extra, word):
     env = slurm_env(tmp_path)

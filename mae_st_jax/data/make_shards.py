@@ -7,7 +7,8 @@
 or a folder of class folders. Videos are spread over the shards in a fixed shuffled order, decoded
 with PyAV, resized to the short side, resampled to --fps when given and stored as JPEG frames.
 Writes DIR/PREFIX-SSSSS-of-NNNNN.tfrecord (+ .index.json beside each), DIR/classes.txt for named
-classes and DIR/skipped.txt (`path<TAB>reason` for every video left out). A shard is written under
+classes and DIR/PREFIX-skipped.txt (`path<TAB>reason` for every video of this list left out; one
+file per list, so converting val after train into one folder keeps train's). A shard is written under
 a temporary name and renamed when complete, so a rerun skips the complete ones.
 """
 
@@ -191,14 +192,15 @@ def convert(csv: str, output_dir: str, num_shards: int, short_side: int = 256, f
             results = pending.get()
             done += converted_now
     skipped = [entry for ix in reused + results for entry in ix.get("skipped", [])]
-    with tf.io.gfile.GFile(os.path.join(output_dir, "skipped.txt"), "w") as f:
+    skipped_file = f"{prefix}-skipped.txt"
+    with tf.io.gfile.GFile(os.path.join(output_dir, skipped_file), "w") as f:
         f.write("".join(f"{p}\t{reason}\n" for p, reason in sorted(skipped)))
     written = sum(len(ix["offsets"]) for ix in reused + results)
     elapsed = time.time() - start
     logging.info("Done in %.0f s: %d videos converted now (%.2f videos/s)", elapsed,
                  sum(len(t["videos"]) for t in tasks), sum(len(t["videos"]) for t in tasks) / max(elapsed, 1e-9))
-    logging.info("Wrote %d videos in %d shards to %s; %d skipped (see skipped.txt)", written, num_shards,
-                 output_dir, len(skipped))
+    logging.info("Wrote %d videos in %d shards to %s; %d skipped (see %s)", written, num_shards,
+                 output_dir, len(skipped), skipped_file)
     return {"videos": total, "written": written, "skipped": len(skipped), "shards": num_shards,
             "shards_reused": len(reused)}
 

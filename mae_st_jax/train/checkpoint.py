@@ -104,7 +104,7 @@ def save_params(directory: str, params, model_config: dict) -> None:
     path = epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path / PARAMS_DIR), params, force=True)
+        ckptr.save(absolute(str(path / PARAMS_DIR)), params, force=True)
         ckptr.wait_until_finished()
     (path / MODEL_JSON).write_text(json.dumps(_jsonable(model_config), indent=2, sort_keys=True))
 
@@ -120,8 +120,8 @@ def load_params(directory: str, abstract_params=None):
     if (path / PARAMS_DIR).exists():
         with ocp.StandardCheckpointer() as ckptr:
             if abstract_params is not None:
-                return ckptr.restore(os.path.abspath(path / PARAMS_DIR), abstract_params), model_config
-            params = ckptr.restore(os.path.abspath(path / PARAMS_DIR), _host_target(ckptr, path / PARAMS_DIR))
+                return ckptr.restore(absolute(str(path / PARAMS_DIR)), abstract_params), model_config
+            params = ckptr.restore(absolute(str(path / PARAMS_DIR)), _host_target(ckptr, path / PARAMS_DIR))
             return per_layer_blocks(params), model_config
     if (path / "checkpoints").exists():
         mgr = manager(str(path), async_save=False)
@@ -186,7 +186,7 @@ def per_layer_blocks(params):
 
 
 def _host_target(ckptr, path):
-    meta = ckptr.metadata(os.path.abspath(path))
+    meta = ckptr.metadata(absolute(str(path)))
     meta = getattr(meta, "item_metadata", meta)
     return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))

@@ -7,6 +7,8 @@ import jax
 from absl import logging
 from clu import metric_writers
 
+from mae_st_jax import fileio
+
 
 class MetricsLog:
     """Writes scalars to CLU (TensorBoard + absl log) and appends them to metrics.jsonl."""
@@ -22,7 +24,7 @@ class MetricsLog:
         scalars = {k: float(v) for k, v in scalars.items()}
         self.writer.write_scalars(step, scalars)
         if self.is_main:
-            with open(self.path, "a") as f:
+            with fileio.open_file(self.path, "a") as f:
                 f.write(json.dumps({"step": int(step), **scalars}) + "\n")
 
     def flush(self):
@@ -36,8 +38,8 @@ def _parse_lines(path: str) -> tuple[list[str], list[dict], int]:
     """(lines, their records, unparsable lines) of a metrics.jsonl; a line torn by a crash or a full
     disk (a partial JSON object) is left out instead of stopping every later resume."""
     lines, recs, bad = [], [], 0
-    with open(path) as f:
-        for line in f:
+    with fileio.open_file(path) as f:
+        for line in f.read().splitlines(keepends=True):
             if not line.strip():
                 continue
             try:
@@ -52,15 +54,14 @@ def _parse_lines(path: str) -> tuple[list[str], list[dict], int]:
 
 def _truncate_after(path: str, step: int) -> None:
     """Drop lines logged after `step` (they belong to steps a resumed run will redo) and torn lines."""
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return
     lines, recs, bad = _parse_lines(path)
     if bad:
         logging.warning("%s: dropped %d unparsable (torn) line(s)", path, bad)
     kept = [l for l, r in zip(lines, recs) if r.get("step", 0) <= step]
     if len(kept) != len(lines) or bad:
-        with open(path, "w") as f:
-            f.writelines(kept)
+        fileio.write_text(path, "".join(kept))
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -17,7 +17,7 @@ import jax
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from mae_st_jax import config_lib, distributed
+from mae_st_jax import config_lib, distributed, fileio
 from mae_st_jax.data import pipeline
 from mae_st_jax.train import checkpoint, step as step_lib
 from mae_st_jax.train.logging import MetricsLog
@@ -58,6 +58,15 @@ def check_writable(workdir: str) -> None:
     """Fail at start, naming the path, when the workdir cannot take a 1 MiB test write."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     probe = os.path.join(ckpt_dir, f".write_test_{jax.process_index()}")
+    if fileio.is_url(workdir):  # a bucket: a small object written and removed through tf.io.gfile
+        try:
+            fileio.makedirs(ckpt_dir)
+            fileio.write_text(probe, "probe")
+            fileio._gfile().remove(probe)
+        except Exception as e:
+            raise WorkdirError(f"workdir {workdir} is not writable ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]}): check its URL and credentials") from None
+        return
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         with open(probe, "wb") as f:
@@ -261,10 +270,8 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, checkpoint.MODEL_JSON), "w") as f:
-            json.dump(model_json, f, indent=2, default=list)
+        fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        fileio.write_text(os.path.join(workdir, checkpoint.MODEL_JSON), json.dumps(model_json, indent=2, default=list))
     if start >= total:
         logging.info("Nothing to do: checkpoint step %d >= total_steps %d", start, total)
         mgr.close()
