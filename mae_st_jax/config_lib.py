@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
         split="train", data_dir="", video_key="video", label_key="label",
         crop="auto",  # auto: random_resized for real sources, none (flip only) for synthetic
         crop_area=(0.5, 1.0), crop_aspect=(0.75, 1.3333),  # RandomResizedCrop area fraction, aspect (w/h)
+        # the `videos` source decodes frames resized to this short side, as the reference's decoder does
+        # (its video_min_dimension, 256 for 224 crops); -1: img_size * 256 / 224; 0: the file's own size
+        decode_short_side=-1,
     ))
 
     c.batch_size = 512  # global clips per optimizer step (repeat_aug clips per video included)
@@ -201,6 +204,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if d.source != "synthetic" and not d.path and not tests_eval_set:
         fail(f"config.data.source={d.source!r} needs config.data.path (tfrecord: a glob of shards, videos: a "
              f"list file, tfds: a dataset name or directory)")
+    if d.get("decode_short_side", -1) < -1:
+        fail(f"config.data.decode_short_side={d.decode_short_side} must be -1 (auto), 0 (off) or a size")
     if d.crop not in ("auto", "random_resized", "none"):
         fail(f"config.data.crop={d.crop!r}: choose 'auto', 'random_resized' or 'none'")
     if not (0 < d.crop_area[0] <= d.crop_area[1] <= 1 and 0 < d.crop_aspect[0] <= d.crop_aspect[1]):

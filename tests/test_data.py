@@ -374,6 +374,21 @@ def test_a_record_whose_bytes_changed_is_skipped(shards, tiny_config, tmp_path):
     assert source.frames(1, [0]).shape[0] == 1  # the other records read as before
 
 
+def test_videos_source_decodes_at_the_reference_short_side(videos, tiny_config):
+    """As the reference's decoder (video_min_dimension), frames come resized to short side 256 for 224
+    crops (here img_size 32 -> 37), with the same area filter make_shards uses."""
+    config = _config(tiny_config, "videos", videos / "list.csv")
+    source = pipeline.make_source(config)
+    assert source.short_side == round(32 * 256 / 224) == 37
+    k = source.paths.index(str(videos / "a.mp4"))  # 64 x 48 (w x h)
+    frames = source.frames(k, [0, 5, 30])
+    assert frames.shape == (3, 37, 49, 3)  # 49 = floor(64 / 48 * 37)
+    resized = list(video_io.iter_frames(str(videos / "a.mp4"), 0.0, width=49, height=37)[1])
+    np.testing.assert_array_equal(frames, np.stack([resized[i] for i in (0, 5, 30)]))
+    config.data.decode_short_side = 0  # the file's own size
+    assert pipeline.make_source(config).frames(k, [0]).shape == (1, 48, 64, 3)
+
+
 def test_pretrain_on_tfrecord_resumes_bit_exactly(shards, tiny_config, tmp_path):
     config = _config(tiny_config, "tfrecord", shards[0] / "*.tfrecord")
     config.total_steps = 4

@@ -274,14 +274,15 @@ def check_labels(labels, num_classes: int | None, where) -> None:
 
 class VideoFiles:
     """Videos decoded with PyAV from a list file (`path label` per line), every frame index from the
-    container's timestamps; info is probed once per video and kept."""
+    container's timestamps; info is probed once per video and kept. short_side > 0: frames come
+    resized to that shorter side (swscale's area filter, as make_shards), as the reference decodes."""
 
     host_local = False
 
     def __init__(self, list_path: str, *, num_classes: int | None = None, fps: float = 0.0,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, short_side: int = 0):
         self.paths, self.labels, self.class_names = read_list(list_path, class_names)
-        self.list_path, self.fps = list_path, fps
+        self.list_path, self.fps, self.short_side = list_path, fps, int(short_side)
         check_labels(self.labels, num_classes, lambda k: f"{list_path} entry {k + 1} ({self.paths[k]})")
         local = [p for p in self.paths if "://" not in p]
         missing = [p for p in local if not os.path.exists(p)]
@@ -318,7 +319,7 @@ class VideoFiles:
     def frames(self, index: int, frame_indices) -> np.ndarray:
         _, fps = self._probe(index)
         try:
-            return video_io.read_frames(self.paths[index], frame_indices, fps)
+            return video_io.read_frames(self.paths[index], frame_indices, fps, self.short_side)
         except READ_ERRORS as e:
             raise BadVideo(f"{self.paths[index]}: {e}") from e
 
@@ -400,7 +401,11 @@ def make_real_source(config, process_index: int, process_count: int, class_names
         source = TFRecordVideos(d.path, num_classes=num_classes, process_index=process_index,
                                 process_count=process_count, num_workers=workers)
     elif d.source == "videos":
-        source = VideoFiles(d.path, num_classes=num_classes, class_names=class_names)
+        short = int(d.get("decode_short_side", -1))
+        if short < 0:
+            from mae_st_jax.data.augment import jitter_min_scale
+            short = jitter_min_scale(config.model.img_size)
+        source = VideoFiles(d.path, num_classes=num_classes, class_names=class_names, short_side=short)
     elif d.source == "tfds":
         source = TFDSVideos(d.path, split=d.get("split", "train"), data_dir=d.get("data_dir", ""),
                             video_key=d.get("video_key", "video"), label_key=d.get("label_key", "label"),

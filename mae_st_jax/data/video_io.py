@@ -38,12 +38,17 @@ def probe(path: str) -> tuple[int, float]:
         return n, fps
 
 
-def _rgb(frame) -> np.ndarray:
+def _rgb(frame, short_side: int = 0) -> np.ndarray:
+    if short_side and min(frame.height, frame.width) != short_side:  # swscale's area resize, as make_shards
+        from mae_st_jax.data.augment import short_side_size
+        h, w = short_side_size(frame.height, frame.width, short_side)
+        return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
     return frame.to_ndarray(format="rgb24")
 
 
-def read_frames(path: str, frame_indices, fps: float | None = None) -> np.ndarray:
-    """uint8 [len(frame_indices), H, W, 3]: the frames numbered 0, 1, ... in presentation order.
+def read_frames(path: str, frame_indices, fps: float | None = None, short_side: int = 0) -> np.ndarray:
+    """uint8 [len(frame_indices), H, W, 3]: the frames numbered 0, 1, ... in presentation order
+    (resized so the shorter side is `short_side` when > 0).
 
     Seeks to the key frame before the first wanted frame (frame i is at time i / fps), decodes up to
     the last wanted one and converts only the wanted frames to RGB. A wanted frame that the stream
@@ -56,17 +61,18 @@ def read_frames(path: str, frame_indices, fps: float | None = None) -> np.ndarra
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         fps = float(fps or _stream_fps(stream))
-        got = _decode_wanted(container, stream, wanted, fps, seek=wanted.size > 0 and wanted[0] > 0)
+        got = _decode_wanted(container, stream, wanted, fps, seek=wanted.size > 0 and wanted[0] > 0,
+                             short_side=short_side)
         if got is None:  # the seek landed past the first wanted frame: decode from the start
             container.seek(0, stream=stream)
-            got = _decode_wanted(container, stream, wanted, fps, seek=False)
+            got = _decode_wanted(container, stream, wanted, fps, seek=False, short_side=short_side)
     if got is None or not got:
         raise ValueError(f"{path}: no frame could be decoded")
     by_index = dict(zip(wanted.tolist(), got))
     return np.stack([by_index[i] for i in idx.tolist()])
 
 
-def _decode_wanted(container, stream, wanted: np.ndarray, fps: float, seek: bool):
+def _decode_wanted(container, stream, wanted: np.ndarray, fps: float, seek: bool, short_side: int = 0):
     """RGB arrays for `wanted` (sorted, unique) or None when a seek overshot the first of them."""
     time_base = float(stream.time_base) if stream.time_base else 0.0
     start = stream.start_time or 0
@@ -78,7 +84,7 @@ def _decode_wanted(container, stream, wanted: np.ndarray, fps: float, seek: bool
 
     def rgb(frame):
         if last[0] is not frame:
-            last[:] = [frame, _rgb(frame)]
+            last[:] = [frame, _rgb(frame, short_side)]
         return last[1]
 
     k = 0
