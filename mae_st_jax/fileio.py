@@ -16,10 +16,6 @@ def _gfile():
     return tf.io.gfile
 
 
-def join(*parts) -> str:
-    return os.path.join(*map(str, parts))
-
-
 def makedirs(path: str) -> None:
     if is_url(path):
         _gfile().makedirs(str(path))
@@ -29,6 +25,17 @@ def makedirs(path: str) -> None:
 
 def exists(path: str) -> bool:
     return _gfile().exists(str(path)) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _gfile().isdir(str(path)) if is_url(path) else os.path.isdir(path)
+
+
+def remove(path: str) -> None:
+    if is_url(path):
+        _gfile().remove(str(path))
+    else:
+        os.remove(path)
 
 
 @contextlib.contextmanager

@@ -272,7 +272,7 @@ def read_checkpoint_settings(directory: str) -> Checkpoint:
     from mae_st_jax.train import checkpoint
     if not directory:
         fail("--init_from is required: a pre-training workdir or a directory from convert.from_torch")
-    if not (fileio._gfile().isdir(directory) if fileio.is_url(directory) else os.path.isdir(directory)):
+    if not fileio.isdir(directory):
         fail(f"--init_from={directory}: no such directory")
     path = os.path.join(directory, checkpoint.MODEL_JSON)
     if not fileio.exists(path):

@@ -121,10 +121,7 @@ def convert(csv: str, output_dir: str, num_shards: int, short_side: int = 256, f
     # one numbering per output folder: a second list (val after train) of class names without its own
     # classes.txt is numbered by the classes.txt the first one wrote there
     classes_out = os.path.join(output_dir, "classes.txt")
-    known = None
-    if tf.io.gfile.exists(classes_out):
-        with tf.io.gfile.GFile(classes_out, "r") as f:
-            known = [l.strip() for l in f.read().splitlines() if l.strip()] or None
+    known = (sources.read_class_names(classes_out) or None) if tf.io.gfile.exists(classes_out) else None
     if tf.io.gfile.isdir(csv):
         paths, labels, names = sources.list_folder(csv)
     else:

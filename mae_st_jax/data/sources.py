@@ -215,9 +215,7 @@ def read_list(path: str, class_names: list[str] | None = None,
                          f"{first_name[0]} a class name ({first_name[2]!r}): use one kind of label for every line")
     classes_file = os.path.join(base, "classes.txt")
     if tf.io.gfile.exists(classes_file):
-        with tf.io.gfile.GFile(classes_file, "r") as f:
-            names = [l.strip() for l in f.read().splitlines() if l.strip()]
-        origin = classes_file
+        names, origin = read_class_names(classes_file), classes_file
     elif class_names:
         names, origin = list(class_names), class_names_from
     else:
@@ -233,6 +231,12 @@ def read_list(path: str, class_names: list[str] | None = None,
             raise ValueError(f"{path}:{number}: class {label!r} is not in {origin}")
         indices.append(lookup[label])
     return [e[1] for e in entries], indices, names
+
+
+def read_class_names(path: str) -> list[str]:
+    """The class names of a classes.txt, one per line (blank lines ignored)."""
+    with tf.io.gfile.GFile(path, "r") as f:
+        return [l.strip() for l in f.read().splitlines() if l.strip()]
 
 
 def training_class_names(config) -> list[str] | None:

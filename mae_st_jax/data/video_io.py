@@ -7,6 +7,8 @@ import math
 import av
 import numpy as np
 
+from mae_st_jax.data.augment import short_side_size
+
 DEFAULT_FPS = 30.0  # used when a container states no frame rate
 # what a broken, missing or unsupported file raises while being opened or decoded
 DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError, IndexError, RuntimeError)
@@ -40,7 +42,6 @@ def probe(path: str) -> tuple[int, float]:
 
 def _rgb(frame, short_side: int = 0) -> np.ndarray:
     if short_side and min(frame.height, frame.width) != short_side:  # swscale's area resize, as make_shards
-        from mae_st_jax.data.augment import short_side_size
         h, w = short_side_size(frame.height, frame.width, short_side)
         return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
     return frame.to_ndarray(format="rgb24")

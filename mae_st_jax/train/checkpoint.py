@@ -48,6 +48,31 @@ def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
     return isinstance(params, dict) and _is_stacked(params.get("blocks"))
 
 
+def newest_readable(make_manager, restore, where: str = ""):
+    """(restore(mgr, step), step, unreadable newer steps) for the newest committed step `restore`
+    reads, or (None, None, every step) when none does; each failure is a warning (prefixed `where`).
+    Every attempt gets its own CheckpointManager (make_manager()): a failed restore of an item-less
+    step folder leaves Orbax's manager unable to restore any other step."""
+    probe = make_manager()
+    try:
+        steps = sorted(probe.all_steps(), reverse=True)
+        directory = probe.directory
+    finally:
+        probe.close()
+    unreadable = []
+    for step in steps:
+        mgr = make_manager()
+        try:
+            return restore(mgr, step), step, unreadable
+        except Exception as e:  # a corrupt or truncated checkpoint: fall back to the one before
+            logging.warning("%sCheckpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
+                            where, step, directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            unreadable.append(step)
+        finally:
+            mgr.close()
+    return None, None, unreadable
+
+
 def describe_restore_failure(mgr: ocp.CheckpointManager, step: int, abstract_state, error: Exception) -> Exception:
     """`error` from restoring `step`, with the leaves that differ between the checkpoint (its metadata)
     and the train state named when the metadata reads: Orbax's own message stops at 'tree structures do
@@ -124,31 +149,22 @@ def load_params(directory: str, abstract_params=None):
             params = ckptr.restore(absolute(str(path / PARAMS_DIR)), _host_target(ckptr, path / PARAMS_DIR))
             return per_layer_blocks(params), model_config
     if (path / "checkpoints").exists():
-        mgr = manager(str(path), async_save=False)
-        steps = sorted(mgr.all_steps(), reverse=True)
-        mgr.close()
-        if not steps:
+        def read(mgr, step):
+            if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
+                item = {"params": _state_target(mgr, step)["params"]}
+                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            else:
+                item, restore_args = {"params": abstract_params}, None
+            return mgr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                 partial_restore=True))
+
+        restored, _, unreadable = newest_readable(lambda: manager(str(path), async_save=False), read,
+                                                  f"init_from={directory}: ")
+        if restored is None and not unreadable:
             raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
-        restored = None
-        for step in steps:  # the newest that reads; a fresh manager each (a failed restore spoils one)
-            mgr = manager(str(path), async_save=False)
-            try:
-                if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
-                    item = {"params": _state_target(mgr, step)["params"]}
-                    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-                else:
-                    item, restore_args = {"params": abstract_params}, None
-                restored = mgr.restore(step, args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=True))
-                break
-            except Exception as e:  # a corrupt or truncated step: the one before
-                logging.warning("init_from=%s: checkpoint step %d cannot be read (%s: %s); trying the previous one",
-                                directory, step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-            finally:
-                mgr.close()
         if restored is None:
-            raise FileNotFoundError(f"init_from={directory}: none of its checkpoints ({', '.join(map(str, steps))}) "
-                                    f"can be read (the warnings above say why)")
+            raise FileNotFoundError(f"init_from={directory}: none of its checkpoints "
+                                    f"({', '.join(map(str, unreadable))}) can be read (the warnings above say why)")
         params = restored["params"]
         if abstract_params is None:
             params = per_layer_blocks(jax.tree.map(np.asarray, params))

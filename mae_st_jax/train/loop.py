@@ -62,7 +62,7 @@ def check_writable(workdir: str) -> None:
         try:
             fileio.makedirs(ckpt_dir)
             fileio.write_text(probe, "probe")
-            fileio._gfile().remove(probe)
+            fileio.remove(probe)
         except Exception as e:
             raise WorkdirError(f"workdir {workdir} is not writable ({type(e).__name__}: "
                                f"{' '.join(str(e).split())[:200]}): check its URL and credentials") from None
@@ -78,7 +78,7 @@ def check_writable(workdir: str) -> None:
             os.remove(probe)
         if e.errno == errno.ENOSPC:
             raise WorkdirError(f"workdir {workdir} is full (no space left on device): free space there (its "
-                          f"checkpoints are what a run resumes from) or choose another --workdir") from None
+                               f"checkpoints are what a run resumes from) or choose another --workdir") from None
         raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror or e}): choose another --workdir") from None
     os.remove(probe)
 
@@ -86,7 +86,7 @@ def check_writable(workdir: str) -> None:
 def check_free_space(workdir: str, state_bytes: int, keep: int = 1) -> None:
     """Fail at start when a local workdir cannot hold the keep + 1 checkpoints of this state that exist
     while a save is in flight (minus those already there, which the new ones replace)."""
-    if "://" in workdir:
+    if fileio.is_url(workdir):
         return
     ckpt_dir = os.path.join(workdir, "checkpoints")
     free = shutil.disk_usage(ckpt_dir).free
@@ -94,43 +94,28 @@ def check_free_space(workdir: str, state_bytes: int, keep: int = 1) -> None:
     need = max(1, keep + 1 - have) * state_bytes
     if free < need:
         raise WorkdirError(f"workdir {workdir} has {free / 2**30:.2f} GiB free, less than the {need / 2**30:.2f} GiB "
-                      f"that config.keep_checkpoints={keep} checkpoints (plus one being written) need: free space, "
-                      f"keep fewer checkpoints, or choose another --workdir")
+                           f"that config.keep_checkpoints={keep} checkpoints (plus one being written) need: free "
+                           f"space, keep fewer checkpoints, or choose another --workdir")
 
 
 def restore_newest(make_manager, abstract_state):
-    """(state, step, unreadable steps) from the newest checkpoint that restores; newer ones that do not
-    are listed with a warning each. Every attempt gets its own CheckpointManager (make_manager()): a
-    failed restore of an item-less step folder leaves Orbax's manager unable to restore any other."""
-    probe = make_manager()
-    try:
-        steps = sorted(probe.all_steps(), reverse=True)
-        directory = probe.directory
-    finally:
-        probe.close()
-    unreadable = []
-    for step in steps:
-        mgr = make_manager()
+    """(state, step, unreadable newer steps) from the newest checkpoint that restores into
+    `abstract_state` (checkpoint.newest_readable), blocks written stacked included."""
+    def restore(mgr, step):
         try:
+            return checkpoint.restore_state(mgr, step, abstract_state)
+        except Exception as first:
             try:
-                return checkpoint.restore_state(mgr, step, abstract_state), step, unreadable
-            except Exception as first:
-                try:
-                    stacked = checkpoint.has_stacked_blocks(mgr, step)
-                except Exception:
-                    stacked = False
-                if not stacked:
-                    raise checkpoint.describe_restore_failure(mgr, step, abstract_state, first) from first
-            logging.warning("Checkpoint step %d in %s has its blocks stacked on one [depth] axis (written "
-                            "before they were stored per layer): splitting them per layer", step, directory)
-            return checkpoint.restore_stacked_state(mgr, step, abstract_state), step, unreadable
-        except Exception as e:  # a corrupt or truncated checkpoint: fall back to the one before
-            logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
-                            step, directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-            unreadable.append(step)
-        finally:
-            mgr.close()
-    return None, None, unreadable
+                stacked = checkpoint.has_stacked_blocks(mgr, step)
+            except Exception:
+                stacked = False
+            if not stacked:
+                raise checkpoint.describe_restore_failure(mgr, step, abstract_state, first) from first
+        logging.warning("Checkpoint step %d in %s has its blocks stacked on one [depth] axis (written "
+                        "before they were stored per layer): splitting them per layer", step, mgr.directory)
+        return checkpoint.restore_stacked_state(mgr, step, abstract_state)
+
+    return checkpoint.newest_readable(make_manager, restore)
 
 
 def set_aside(workdir: str, steps) -> None:
@@ -139,7 +124,6 @@ def set_aside(workdir: str, steps) -> None:
     again (it saves no step at or below the newest it lists), silently losing e.g. the final one."""
     if not steps or jax.process_index() != 0:
         return
-    from etils import epath
     base = checkpoint.absolute(workdir)
     aside = base / "checkpoints_unreadable"
     aside.mkdir(parents=True, exist_ok=True)
@@ -151,9 +135,8 @@ def set_aside(workdir: str, steps) -> None:
             src.rename(dst)
         except Exception as e:
             raise WorkdirError(f"cannot move the unreadable checkpoint {src} aside to {dst} ({e}): move or delete it "
-                          f"by hand, or the run will not save step {step} again") from e
+                               f"by hand, or the run will not save step {step} again") from e
         logging.warning("Moved the unreadable checkpoint step %d to %s", step, dst)
-    del epath
 
 
 class RestoreError(RuntimeError):
@@ -194,7 +177,7 @@ class WorkdirLock:
     racing its checkpoints. The kernel drops the lock when its process dies: no stale locks."""
 
     def __init__(self, workdir: str):
-        self.path = None if "://" in workdir or jax.process_index() else os.path.join(workdir, ".lock")
+        self.path = None if fileio.is_url(workdir) or jax.process_index() else os.path.join(workdir, ".lock")
         self._file = None
 
     def __enter__(self):
@@ -244,13 +227,12 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
                                               async_save=config.async_checkpoints)
     mgr = make_manager()
     fresh = not mgr.all_steps()
-    params = None
+    from_init = init_params is not None and fresh
     try:
-        if init_params is not None and fresh:
-            params = init_params()
+        params = init_params() if from_init else None
         graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
     except (FileNotFoundError, ValueError) as e:
-        if params is None and not (init_params is not None and fresh):
+        if not from_init:
             raise
         mgr.close()
         raise InitFromError(f"config.init_from={config.init_from}: {' '.join(str(e).split())}") from e
@@ -310,7 +292,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
                 data_skipped += int(host_batch.get("skipped", 0))
                 if data_skipped > config.data.max_skip_fraction * clips_seen and data_skipped > 0:
                     raise DataError(f"{data_skipped} of {clips_seen} clips came from unreadable videos, more than "
-                                       f"config.data.max_skip_fraction={config.data.max_skip_fraction}: check the data")
+                                    f"config.data.max_skip_fraction={config.data.max_skip_fraction}: check the data")
                 for h in hooks:
                     h(done)
                 if done % config.log_every_steps == 0 or done == total or done == start + 1:
