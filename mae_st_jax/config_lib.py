@@ -98,8 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.fsdp_min_size = 2 ** 12  # arrays with fewer elements stay replicated under fsdp
 
     c.skip_nonfinite = False  # True: skip (and count) updates with a NaN/Inf loss or gradient
+    c.skip_nonfinite_limit = 200  # ... but stop when this many updates in a row were skipped (0: never)
     c.data.max_skip_fraction = 0.1  # stop when more clips than this came from unreadable videos
-    c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1))  # fault injection for tests
+    c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1, inject_nan_count=1))  # fault injection for tests
 
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
@@ -261,6 +262,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         fail(f"config.optim.b1={o.b1} and b2={o.b2} must be in [0, 1)")
     if not 0.0 <= d.max_skip_fraction <= 1.0:
         fail(f"config.data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
+    if config.skip_nonfinite_limit < 0:
+        fail(f"config.skip_nonfinite_limit={config.skip_nonfinite_limit} must be >= 0 (0: no limit)")
     for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[field] < 1:
             fail(f"config.{field}={config[field]} must be >= 1")

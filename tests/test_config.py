@@ -338,6 +338,7 @@ def test_derived_steps():
     ("optim.eps", 0.0, ("config.optim.eps=0.0 must be > 0",)),
     ("optim.lr", -1e-3, ("config.optim.lr=-0.001 must be >= 0",)),
     ("total_steps", -5, ("config.total_steps=-5 must be >= 0",)),
+    ("skip_nonfinite_limit", -1, ("config.skip_nonfinite_limit=-1 must be >= 0",)),
 ])
 def test_values_that_used_to_fail_after_compiling_are_config_errors(field, value, words):
     c = demo()

@@ -124,6 +124,36 @@ def test_injected_nan_is_skipped_and_counted(tiny_config, tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(outcome.state["params"]))
 
 
+
+def test_skipped_updates_in_a_row_stop_at_the_limit(tiny_config, tmp_path):
+    """A run that only skips (every update from step 3 on is non-finite) stops once
+    skip_nonfinite_limit updates in a row were skipped, naming them; its checkpoints hold finite params."""
+    tiny_config.debug.update(inject_nan_at_step=2, inject_nan_count=1000)
+    tiny_config.update(skip_nonfinite=True, skip_nonfinite_limit=4, log_every_steps=2, total_steps=12)
+    with pytest.raises(loop.NonFiniteError, match=r"the last 4 updates \(steps 3\.\.6\) all had a non-finite "
+                                                  r"loss or gradient and were skipped, config\.skip_nonfinite_limit=4"):
+        pretrain.train(tiny_config, str(tmp_path))
+    assert [m["nonfinite_steps"] for m in read_metrics(str(tmp_path))] == [0, 0, 2]  # steps 1, 2, 4
+    mgr = checkpoint.manager(str(tmp_path), async_save=False)
+    assert mgr.all_steps() == [2, 4]  # step 4's state is step 2's parameters (both updates skipped)
+    restored = mgr.restore(4)
+    mgr.close()
+    assert int(np.asarray(restored["nonfinite_steps"])) == 2
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored["params"]))
+
+
+def test_skipped_updates_below_the_limit_or_with_finite_ones_between_do_not_stop(tiny_config, tmp_path):
+    tiny_config.debug.update(inject_nan_at_step=1, inject_nan_count=3)  # steps 2, 3 and 4
+    tiny_config.update(skip_nonfinite=True, skip_nonfinite_limit=4, total_steps=6)
+    outcome = pretrain.run(tiny_config, str(tmp_path))
+    assert [m["nonfinite_steps"] for m in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 3, 3]
+    assert int(outcome.state["step"]) == 6
+    tiny_config.update(skip_nonfinite_limit=3, total_steps=12)  # resumed at 6: the three are not "in a row" now
+    tiny_config.debug.update(inject_nan_at_step=7, inject_nan_count=2)  # steps 8, 9: two more, not three
+    outcome = pretrain.run(tiny_config, str(tmp_path))
+    assert int(outcome.state["nonfinite_steps"]) == 5 and int(outcome.state["step"]) == 12
+
+
 def _corrupt(step_dir):
     """Truncate every data file of a committed checkpoint to a few bytes."""
     hit = 0

@@ -20,7 +20,7 @@ def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
                             cutmix_alpha=f.cutmix_alpha, prob=f.mixup_prob, switch_prob=f.switch_prob,
                             label_smoothing=f.label_smoothing)
     micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
-    seed, nan_step = config.seed, config.debug.inject_nan_at_step
+    seed = config.seed
 
     probe = bool(f.get("linear_probe", False))
     reprob = 0.0 if probe else float(f.get("reprob", 0.0))  # a probe sees clean features (no erasing)
@@ -40,9 +40,7 @@ def make_train_step(graphdef, tx, schedule, mesh, config, state_shardings):
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
         micro_batches = {"video": batch["video"], "label": batch["label"]}
         loss, grads = step_lib.accumulate_gradients(loss_fn, state["params"], micro_batches, key)
-        if nan_step >= 0:  # fault injection for tests, as the pre-training step
-            poison = jnp.where(state["step"] == nan_step, jnp.nan, 0.0)
-            loss, grads = loss + poison, jax.tree.map(lambda g: g + poison, grads)
+        loss, grads = step_lib.inject_nan(config, state, loss, grads)
         return step_lib.apply_gradients(state, loss, grads, tx, schedule, config.skip_nonfinite)
 
     batch_sh = {"video": shd.batch_sharding(mesh, 6), "label": shd.batch_sharding(mesh, 2)}

@@ -272,7 +272,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
 
     last, t_last, step_last = {}, time.time(), start
     clips_seen, data_skipped = 0, 0  # this process, this run
-    checked_ok = start  # the newest step whose loss and gradient were seen finite
+    watch = _FiniteWatch(config, start, int(jax.device_get(state.get("nonfinite_steps", 0))))
     preempted, compiled = False, False
     logging.info("%s steps %d..%d, %d clips per step", name, start + 1, total, config.batch_size)
     with StopSignal() as stop:  # also over the final save's commit: a SIGTERM there waits for it
@@ -297,7 +297,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
                     h(done)
                 if done % config.log_every_steps == 0 or done == total or done == start + 1:
                     m = jax.device_get(metrics)
-                    checked_ok = _check_finite(m, done, config, checked_ok)
+                    watch.check(m, done)
                     now = time.time()
                     m["clips_per_sec"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
                     m["data_skipped"] = data_skipped
@@ -313,7 +313,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
                         t_last += time.time() - t_extra  # keep validation out of clips_per_sec
                 preempted = stop.received or mgr.reached_preemption(done)
                 if done % config.checkpoint_every_steps == 0 or done == total or preempted:
-                    checked_ok = _check_finite(jax.device_get(metrics), done, config, checked_ok)  # never save NaNs
+                    watch.check(jax.device_get(metrics), done)  # never save NaNs
                     with _disk_full_is_one_line(workdir, done):
                         saved = checkpoint.save_state(mgr, done, state, force=preempted)
                     if not saved:
@@ -401,13 +401,35 @@ def log_memory_analysis(compiled, name: str = "Train step") -> dict | None:
     return sizes
 
 
-def _check_finite(m: dict, done: int, config, checked_ok: int) -> int:
-    """Stop on a non-finite loss or gradient (skipped updates are counted by the step instead); the
-    flag is read at logging and checkpoint steps only (no host sync in between), so the message gives
-    the range the first bad step lies in. Returns `done`, the newest step known to be fine."""
-    finite = bool(m.pop("finite", True))
-    if not finite and not config.skip_nonfinite:
-        first = f"step {done}" if checked_ok >= done - 1 else f"one of steps {checked_ok + 1}..{done}"
-        raise NonFiniteError(f"non-finite loss or gradient at {first}: loss={m.get('loss')}, "
-                             f"grad_norm={m.get('grad_norm')} (config.skip_nonfinite=True skips such updates)")
-    return done
+class _FiniteWatch:
+    """Stops on a non-finite loss or gradient (skipped updates are counted by the step instead) and, with
+    config.skip_nonfinite, on config.skip_nonfinite_limit skipped updates in a row. The flags are read at
+    logging and checkpoint steps only (no host sync in between), so messages give the range a bad step
+    lies in, and a run of skipped updates is seen a whole logging interval at a time."""
+
+    def __init__(self, config, start: int, skipped: int):
+        self.skip, self.limit = bool(config.skip_nonfinite), int(config.get("skip_nonfinite_limit", 0))
+        self.ok = start  # the newest step whose loss and gradient were seen finite
+        self.seen_step, self.seen_skipped, self.in_a_row = start, skipped, 0
+
+    def check(self, m: dict, done: int) -> None:
+        finite = bool(m.pop("finite", True))
+        if not finite and not self.skip:
+            first = f"step {done}" if self.ok >= done - 1 else f"one of steps {self.ok + 1}..{done}"
+            raise NonFiniteError(f"non-finite loss or gradient at {first}: loss={m.get('loss')}, "
+                                 f"grad_norm={m.get('grad_norm')} (config.skip_nonfinite=True skips such updates)")
+        if finite:
+            self.ok = done
+        if not self.skip or "nonfinite_steps" not in m or done <= self.seen_step:
+            return
+        skipped = int(m["nonfinite_steps"])
+        steps = done - self.seen_step
+        # every step since the last look skipped: the run goes on; one fine: it restarts (conservatively at 0)
+        self.in_a_row = self.in_a_row + steps if skipped - self.seen_skipped >= steps else 0
+        self.seen_step, self.seen_skipped = done, skipped
+        if self.limit and self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"the last {self.in_a_row} updates (steps {done - self.in_a_row + 1}..{done}) all had a non-finite "
+                f"loss or gradient and were skipped, config.skip_nonfinite_limit={self.limit}: the run has diverged "
+                f"(or its data is bad); the checkpoints hold the parameters from before them (lower the lr, "
+                f"or raise the limit, 0 for none)")

@@ -72,6 +72,18 @@ def accumulate_gradients(loss_fn, params, micro_batches, key):
     return loss / n, jax.tree.map(lambda g: g / n, grads)
 
 
+def inject_nan(config, state, loss, grads):
+    """Fault injection for tests: a NaN loss and gradient at steps (0-based counter)
+    config.debug.inject_nan_at_step .. + inject_nan_count - 1; the identity when the step is < 0."""
+    first = config.debug.inject_nan_at_step
+    if first < 0:
+        return loss, grads
+    count = config.debug.get("inject_nan_count", 1)
+    hit = (state["step"] >= first) & (state["step"] < first + count)
+    poison = jnp.where(hit, jnp.nan, 0.0)
+    return loss + poison, jax.tree.map(lambda g: g + poison, grads)
+
+
 def apply_gradients(state, loss, grads, tx, schedule, skip_nonfinite: bool):
     """(new state, metrics) after one AdamW update; a non-finite loss or gradient leaves the state
     unchanged (and is counted) when `skip_nonfinite`, else the loop stops on `finite`."""
@@ -97,7 +109,7 @@ def make_pretrain_step(graphdef, tx, schedule, mesh, config, state_shardings):
     """jit(step)(state, batch) -> (state, metrics); batch['video'] is uint8 [A, B/A, T, H, W, C]."""
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     micro_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
-    seed, nan_step = config.seed, config.debug.inject_nan_at_step
+    seed = config.seed
 
     def loss_fn(params, video, key):
         model = nnx.merge(graphdef, params)
@@ -108,9 +120,7 @@ def make_pretrain_step(graphdef, tx, schedule, mesh, config, state_shardings):
     def step(state, batch):
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
         loss, grads = accumulate_gradients(loss_fn, state["params"], batch["video"], key)
-        if nan_step >= 0:  # fault injection for tests: a NaN loss and gradient at one step
-            poison = jnp.where(state["step"] == nan_step, jnp.nan, 0.0)
-            loss, grads = loss + poison, jax.tree.map(lambda g: g + poison, grads)
+        loss, grads = inject_nan(config, state, loss, grads)
         return apply_gradients(state, loss, grads, tx, schedule, config.skip_nonfinite)
 
     batch_sh = {"video": shd.batch_sharding(mesh, 6)}
