@@ -1,8 +1,9 @@
 """Multi-view test (`config.mode=evaluate`) and the view machinery the feature extractor shares.
 
 Each video gives K = config.test.temporal_views uniformly spaced clips (sampling.test_clip) x S =
-config.test.spatial_views crops (3: left/centre/right of the clip resized to short side img_size; 1: the centre
-crop of the clip resized to short side img_size * 256 / 224, as PySlowFast's one-crop test). The
+config.test.spatial_views crops (3: left/centre/right of the clip resized to short side img_size, which a
+`videos` source decodes at directly; 1: the centre crop of the clip resized to short side img_size * 256 / 224,
+as PySlowFast's one-crop test). The
 classifier's softmax is averaged over the K x S views of a video; top-1 / top-5 / per-class accuracy
 are computed over videos, and every video's prediction is written to `<workdir>/eval/predictions.csv`
 (plus `probs.npy` and `results.json`). Unreadable videos are skipped, counted and listed.
@@ -44,6 +45,19 @@ def video_views(source, index: int, config, temporal: int, spatial: int) -> tupl
             # PySlowFast's one-crop test: short side to the train jitter's minimum (256 for 224), centre crop
             views.append(augment.center_crop(clip, m.img_size, augment.jitter_min_scale(m.img_size))[None])
     return np.concatenate(views), int(info.label)
+
+
+def view_config(config, spatial: int):
+    """`config` for reading test views: a `videos` source with decode_short_side -1 (auto) decodes the
+    3-crop test's frames at short side img_size (the size the crops are cut at: one area resize from
+    the file, instead of the training decode's 256 and a second, bilinear one to 224); otherwise `config`."""
+    d = config.data
+    if spatial != 3 or d.source != "videos" or int(d.get("decode_short_side", -1)) != -1:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.decode_short_side = int(config.model.img_size)
+    return config
 
 
 def view_batches(source, config, videos_per_batch: int, temporal: int, spatial: int, *,
@@ -228,8 +242,9 @@ def run(config, workdir: str) -> dict:
                                    config.fsdp_min_size)
     params = load_classifier_params(config, path, abstract, shardings)
     t = config.test
-    source = (validation.make_eval_source(config, limit=False) if t.split == "eval"
-              else pipeline.make_source(config, 0, 1))
+    views = view_config(config, t.spatial_views)
+    source = (validation.make_eval_source(views, limit=False) if t.split == "eval"
+              else pipeline.make_source(views, 0, 1))
     logging.info("Multi-view test of %s: %d videos x %d temporal x %d spatial views", path, len(source),
                  t.temporal_views, t.spatial_views)
     step_fn = make_view_step(graphdef, mesh, config, shardings, "probs")

@@ -68,6 +68,7 @@ def dataset_features(config, init_from: str, split: str = "train", temporal_view
     shardings = shd.tree_shardings(params, mesh, config.param_sharding, config.sharding_rules,
                                    config.fsdp_min_size)
     params = jax.tree.map(jax.device_put, params, shardings)
+    config = evaluate.view_config(config, spatial_views)
     if split == "eval":
         source = validation.make_eval_source(config, limit=False)
         if source is None:

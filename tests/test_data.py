@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mae_st_jax.data import augment, fake_videos, make_shards, pipeline, records, sources, video_io
+from mae_st_jax import evaluate
+from mae_st_jax.data import augment, fake_videos, make_shards, pipeline, records, sampling, sources, video_io
 from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.train import pretrain
 from mae_st_jax.train.logging import read_metrics
@@ -388,6 +389,29 @@ def test_videos_source_decodes_at_the_reference_short_side(videos, tiny_config):
     config.data.decode_short_side = 0  # the file's own size
     assert pipeline.make_source(config).frames(k, [0]).shape == (1, 48, 64, 3)
 
+
+
+def test_three_crop_test_views_decode_at_the_crop_size(videos, tiny_config):
+    """The 3-crop test cuts its crops at short side img_size: a `videos` source decodes there directly
+    (one area resize from the file), not at the training decode's 256-for-224 and again to img_size."""
+    config = _config(tiny_config, "videos", videos / "list.csv")
+    three = evaluate.view_config(config, 3)
+    assert three.data.decode_short_side == 32 and config.data.decode_short_side == -1
+    assert evaluate.view_config(config, 1) is config  # the one-crop view is cut at 37 (256 for 224)
+    source = pipeline.make_source(three)
+    assert source.short_side == 32
+    k = source.paths.index(str(videos / "a.mp4"))  # 64 x 48 (w x h) -> 42 x 32
+    views, _ = evaluate.video_views(source, k, three, 2, 3)
+    info = source.info(k)
+    decoded = list(video_io.iter_frames(str(videos / "a.mp4"), 0.0, width=42, height=32)[1])
+    for t in range(2):
+        idx = sampling.test_clip(t, 2, info.num_frames, three.model.num_frames, three.data.sampling_rate, info.fps,
+                                 three.data.target_fps)
+        clip = np.stack([decoded[i] for i in idx])
+        assert clip.shape[1:3] == (32, 42)
+        np.testing.assert_array_equal(views[3 * t:3 * t + 3], augment.test_crops(clip, 32))
+    config.data.decode_short_side = 0  # set by hand: kept
+    assert evaluate.view_config(config, 3) is config
 
 def test_pretrain_on_tfrecord_resumes_bit_exactly(shards, tiny_config, tmp_path):
     config = _config(tiny_config, "tfrecord", shards[0] / "*.tfrecord")
