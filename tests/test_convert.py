@@ -189,6 +189,88 @@ def test_cli_round_trip(tmp_path):
     assert_state_dicts_equal({k: v.numpy() for k, v in exported.items()}, sd)
 
 
+
+def test_mae_st_args_fill_what_the_shapes_cannot_show(tmp_path):
+    """mae_st saves `args` (argparse.Namespace) beside the weights and builds its model from them: the
+    head counts, norm_pix_loss and a joint table's frame count come from there, overrides still win."""
+    import argparse
+
+    torch_model = ref.randomize(ref.MaskedAutoencoder(embed_dim=64, num_heads=4, decoder_embed_dim=32,
+                                                      decoder_num_heads=8, num_frames=4, img_size=64,
+                                                      sep_pos_embed=False, cls_embed=False, pred_t_dim=2), 2)
+    args = argparse.Namespace(model="mae_vit_base_patch16", decoder_num_heads=8, norm_pix_loss=False, num_frames=4,
+                              input_size=224, batch_size=2, t_patch_size=2)
+    pth = tmp_path / "mae.pth"
+    torch.save({"model": torch_model.state_dict(), "args": args, "epoch": 3}, pth)
+    sd, hints = conv.load_torch_file(str(pth))
+    assert hints == {"decoder_num_heads": 8, "norm_pix_loss": False, "num_frames": 4}  # width 64 is not B's 768
+    assert conv.settings_from_args(args, 768)["num_heads"] == 12 and conv.settings_from_args(None) == {}
+    without = conv.infer_model_config(sd)  # what the shapes alone say: 16 frames, a 32 x 32 clip
+    assert (without["num_frames"], without["img_size"], without["decoder_num_heads"]) == (16, 32, 16)
+    config = conv.convert(str(pth), str(tmp_path / "ours"), overrides={"num_heads": 4})
+    assert (config["num_frames"], config["img_size"], config["pred_t_dim"]) == (4, 64, 2)
+    assert (config["num_heads"], config["decoder_num_heads"], config["norm_pix_loss"]) == (4, 8, False)
+    clf = conv.infer_model_config(sd, hints, kind="classifier", num_classes=5)  # no decoder settings
+    assert "decoder_num_heads" not in clf and "norm_pix_loss" not in clf and clf["num_heads"] == 1  # 64 // 64
+    assert clf["num_frames"] == 4
+    # the model it builds computes what the torch model does
+    model = conv.load_into_model(str(pth), num_heads=4, attention_impl="xla")
+    video = np.random.default_rng(0).normal(size=(2, 3, 4, 64, 64)).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(size=(2, 32)).astype(np.float32)
+    with torch.no_grad():
+        _, want, mask_t = torch_model.eval()(torch.from_numpy(video), torch.from_numpy(noise), MASK_RATIO)
+    _, pred, mask = jit_apply(model, jnp.asarray(video.transpose(0, 2, 3, 4, 1)), jnp.asarray(noise),
+                              mask_ratio=MASK_RATIO)
+    np.testing.assert_array_equal(np.asarray(mask), mask_t.numpy())
+    assert_close(pred, want.numpy())
+
+
+def test_cli_errors_are_one_line(tmp_path, pretrain_sd, capsys):
+    no_pred = {k: torch.from_numpy(v) for k, v in pretrain_sd.items() if not k.startswith("decoder_pred.")}
+    torch.save({"model": no_pred}, tmp_path / "nopred.pth")
+    with pytest.raises(SystemExit) as err:
+        conv.main(["from_torch", f"--input={tmp_path / 'nopred.pth'}", f"--output={tmp_path / 'o'}"])
+    msg = str(err.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert "missing keys [decoder_pred.bias, decoder_pred.weight]" in msg
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in pretrain_sd.items()}}, tmp_path / "mae.pth")
+    with pytest.raises(SystemExit) as err:
+        conv.main(["from_torch", f"--input={tmp_path / 'mae.pth'}", f"--output={tmp_path / 'o'}",
+                   "--config.num_head=4"])
+    assert str(err.value).startswith("error: --config.model.num_head: not a setting of a pretrain model")
+    with pytest.raises(SystemExit) as err:
+        conv.main(["from_torch", f"--input={tmp_path / 'mae.pth'}", f"--output={tmp_path / 'o'}",
+                   "--config.num_heads=7"])
+    assert str(err.value) == "error: num_heads=7 does not divide embed_dim=768: set --config.model.num_heads"
+    with pytest.raises(SystemExit) as err:
+        conv.main(["from_torch", f"--input={tmp_path / 'absent.pth'}", f"--output={tmp_path / 'o'}"])
+    assert str(err.value).startswith("error: ") and "absent.pth" in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("old,new", [(14, 16), (16, 22), (14, 7), (4, 7), (3, 2)])
+def test_pos_embed_resize_is_torch_interpolate(old, new):
+    """Spatial bicubic and temporal linear resizes of the position tables are torch's
+    interpolate(align_corners=False), as mae_st's interpolate_pos_embed calls it."""
+    from mae_st_jax.train import warm_start
+
+    rng = np.random.default_rng(old * 100 + new)
+    e = 5
+    joint = rng.normal(size=(1, 1 + 2 * old * old, e)).astype(np.float32)
+    out = warm_start.interpolate_pos_embed({"pos_embed": joint}, (2, old, old), (2, new, new))["pos_embed"]
+    grid = torch.from_numpy(joint[0, 1:].reshape(2, old, old, e)).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    want = want.permute(0, 2, 3, 1).reshape(1, 2 * new * new, e).numpy()
+    np.testing.assert_array_equal(out[:, :1], joint[:, :1])
+    # a few float32 units in the last place (torch's kernels fuse some multiply-adds); Keys' a = -0.5 or
+    # jax.image.resize's edge handling were off by 2-10% of the table's largest value
+    np.testing.assert_allclose(out[:, 1:], want, rtol=0, atol=1e-6 * np.abs(want).max())
+    temporal = rng.normal(size=(1, old, e)).astype(np.float32)
+    out = warm_start.interpolate_pos_embed({"pos_embed_temporal": temporal}, (old, 1, 1), (new, 1, 1))
+    want = torch.nn.functional.interpolate(torch.from_numpy(temporal).permute(0, 2, 1), size=new, mode="linear",
+                                           align_corners=False).permute(0, 2, 1).numpy()
+    np.testing.assert_allclose(out["pos_embed_temporal"], want, rtol=0, atol=1e-6)
+
 def test_stacked_parameter_directory_still_loads(tmp_path):
     # Parameters saved before the blocks were split per layer hold each block stack as one tree of
     # [depth, ...] arrays: load_params splits them, so warm starts and --export still read them.

@@ -279,6 +279,27 @@ def test_init_from_mismatched_model_names_the_parameter(tiny_config, tmp_path):
     assert not (tmp_path / "ft" / "metrics.jsonl").exists()
 
 
+def test_init_from_with_another_head_count_is_refused(tiny_config, tmp_path):
+    """num_heads changes no parameter shape: the saved model.json is what tells a 2-head encoder from
+    a 4-head one, and both the warm start and the evaluation's classifier load check it."""
+    _save_tiny_mae(tmp_path / "mae", tiny_config)  # 2 heads
+    c = finetune_config(tiny_config)
+    c.model.num_heads = 4
+    abstract = nnx.split(nnx.eval_shape(lambda: finetune.build_model(c, nnx.Rngs(0))), nnx.Param)[1].to_pure_dict()
+    with pytest.raises(ValueError, match=r"has num_heads=2 \(its model.json\), config.model.num_heads=4: set "
+                                         r"--config.model.num_heads=2"):
+        warm_start.load_encoder_params(str(tmp_path / "mae"), abstract, c.model)
+    c.model.num_heads = 2
+    assert "blocks" in warm_start.load_encoder_params(str(tmp_path / "mae"), abstract, c.model)
+    model = finetune.build_model(c, nnx.Rngs(0))
+    checkpoint.save_params(str(tmp_path / "clf"), jax.device_get(nnx.split(model, nnx.Param)[1].to_pure_dict()),
+                           dict(kind="classifier", **finetune.classifier_kwargs(c)))
+    c.model.num_heads = 4
+    from mae_st_jax import evaluate
+    with pytest.raises(ValueError, match="config.model.num_heads=4: set --config.model.num_heads=2"):
+        evaluate.load_classifier_params(c, str(tmp_path / "clf"), abstract, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # validation and the loop
 

@@ -46,6 +46,35 @@ def _numpy(value) -> np.ndarray:
 def load_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """The model weights of a `.pth`/`.pyth` file (or a bare state dict) as numpy arrays, keys
     without a DDP `module.` prefix. Loads with weights_only=True unless `allow_pickle`."""
+    return load_torch_file(path, allow_pickle=allow_pickle)[0]
+
+
+# mae_st builds its model as models_mae.__dict__[args.model](**vars(args)), and saves `args` beside the
+# weights: these of its fields are model settings that the weights' shapes do not show.
+ARGS_SETTINGS = ("decoder_num_heads", "norm_pix_loss", "num_frames")
+MODEL_NAME_HEADS = {"mae_vit_base_patch16": (768, 12), "mae_vit_large_patch16": (1024, 16),
+                    "mae_vit_huge_patch14": (1280, 16), "vit_base_patch16": (768, 12),
+                    "vit_large_patch16": (1024, 16), "vit_huge_patch14": (1280, 16)}  # name: (width, heads)
+
+
+def settings_from_args(args, embed_dim: int | None = None) -> dict:
+    """The model settings a mae_st checkpoint's `args` (argparse.Namespace or dict) records and the
+    weights' shapes do not: num_heads (from args.model's name, when its width is `embed_dim`),
+    decoder_num_heads, norm_pix_loss, num_frames. Empty for anything else."""
+    if args is None:
+        return {}
+    fields = vars(args) if hasattr(args, "__dict__") and not isinstance(args, dict) else args
+    if not isinstance(fields, dict):
+        return {}
+    out = {k: fields[k] for k in ARGS_SETTINGS if isinstance(fields.get(k), (bool, int))}
+    width, heads = MODEL_NAME_HEADS.get(fields.get("model"), (None, None))
+    if heads is not None and width == embed_dim:
+        out["num_heads"] = heads
+    return out
+
+
+def load_torch_file(path: str, *, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """(state dict as `load_torch_state_dict`, settings_from_args of the file's `args`)."""
     import torch  # noqa: PLC0415 (torch is only needed here)
 
     def load(weights_only):
@@ -73,7 +102,9 @@ def load_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str,
         out[key.removeprefix("module.")] = _numpy(value)
     if skipped:
         logging.info("%s: skipped %d non-tensor entries: %s", path, len(skipped), skipped[:10])
-    return out
+    patch = out.get("patch_embed.proj.weight")
+    width = int(patch.shape[0]) if patch is not None else None
+    return out, settings_from_args(ckpt.get("args") if isinstance(ckpt, dict) else None, width)
 
 
 def canonical(state_dict: dict) -> dict[str, np.ndarray]:
@@ -140,12 +171,24 @@ def default_num_heads(width: int, head_dim: int = 64) -> int:
     return DEFAULT_HEADS.get(width, max(1, width // head_dim))
 
 
-def infer_model_config(state_dict: dict, **overrides) -> dict:
+def _settings_of(kind: str) -> set[str]:
+    """Every constructor argument of the `kind` model (through its base classes), plus `kind`."""
+    names = {"kind"}
+    for c in KINDS[kind].__mro__:
+        if "__init__" in vars(c):
+            names |= {n for n, prm in inspect.signature(c.__init__).parameters.items()
+                      if n not in ("self", "rngs") and prm.kind not in (prm.VAR_KEYWORD, prm.VAR_POSITIONAL)}
+    return names
+
+
+def infer_model_config(state_dict: dict, hints: dict | None = None, **overrides) -> dict:
     """Constructor kwargs (plus `kind`) read from a state dict's shapes; `overrides` win.
 
     Not in the shapes: num_heads (default per width), decoder_num_heads (16, as mae_st;
     PySlowFast uses 8), and, for a joint pos table, how its tokens split into T' x H' x W'
-    (from `num_frames` or `img_size` in overrides, else num_frames=16).
+    (from `num_frames` or `img_size` in overrides, else num_frames=16). `hints` (a mae_st file's
+    `args`, settings_from_args) fill those before the defaults; settings the kind's model does not
+    take are dropped from them, and refused in `overrides`.
     """
     sd = canonical(state_dict)
     f = _facts(sd)
@@ -154,18 +197,27 @@ def infer_model_config(state_dict: dict, **overrides) -> dict:
     kind = overrides.get("kind", _kind_of(sd))
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: choose one of {sorted(KINDS)}")
+    known = _settings_of(kind)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--config.model.{unknown[0]}: not a setting of a {kind} model (its settings: "
+                         f"{', '.join(sorted(known))})")
+    hints = {k: v for k, v in (hints or {}).items() if k in known}
     p, t, e = f["patch_size"], f["t_patch_size"], f["embed_dim"]
     if f["sep_pos_embed"]:
         if "temporal_tokens" not in f:
             raise ValueError("the state dict has pos_embed_spatial but misses the key pos_embed_temporal")
         spatial, temporal = f["spatial_tokens"], f["temporal_tokens"]
+        if hints.pop("num_frames", temporal * t) != temporal * t:
+            logging.warning("the checkpoint's args say num_frames, its pos_embed_temporal %d x t_patch_size %d: "
+                            "the table wins", temporal, t)
     elif "pos_tokens" in f:
         length = f["pos_tokens"] - int(f["cls_embed"])
         if "img_size" in overrides:
             spatial = (overrides["img_size"] // p) ** 2
             temporal = length // spatial
         else:
-            temporal = overrides.get("num_frames", 16) // t
+            temporal = overrides.get("num_frames", hints.pop("num_frames", 16)) // t
             spatial = length // max(temporal, 1)
         if spatial * temporal != length or math.isqrt(spatial) ** 2 != spatial:
             raise ValueError(f"the joint pos_embed's {length} patch tokens do not split into T'={temporal} x a "
@@ -184,14 +236,22 @@ def infer_model_config(state_dict: dict, **overrides) -> dict:
         if "decoder_embed_dim" not in f:
             raise ValueError("kind='pretrain' needs a checkpoint with a decoder (decoder_embed.weight)")
         d = f["decoder_embed_dim"]
-        u = f.get("pred_dim", 0) // (p * p * f["in_chans"])
+        u = f.get("pred_dim", 0) // (p * p * f["in_chans"]) or t  # no decoder_pred: torch_to_params says so
         config.update(decoder_embed_dim=d, decoder_depth=f["decoder_depth"],
                       decoder_num_heads=16 if d % 16 == 0 else default_num_heads(d), pred_t_dim=u * temporal)
     if kind == "classifier":
         if "num_classes" not in f and "num_classes" not in overrides:
             raise ValueError("the checkpoint has no head: set --config.model.num_classes for kind='classifier'")
         config["num_classes"] = f.get("num_classes")
+    hints.pop("num_frames", None)
+    if hints:
+        logging.info("from the checkpoint's args: %s", hints)
+    config.update(hints)
     config.update(overrides)
+    for heads, width in (("num_heads", "embed_dim"), ("decoder_num_heads", "decoder_embed_dim")):
+        if heads in config and config[width] % config[heads]:
+            raise ValueError(f"{heads}={config[heads]} does not divide {width}={config[width]}: set "
+                             f"--config.model.{heads}")
     return config
 
 
@@ -315,6 +375,9 @@ def torch_to_params(state_dict: dict, model_config: dict) -> dict:
     sd = canonical(state_dict)
     check_settings(sd, model_config)
     kind = _kind(model_config, sd)
+    if kind == "classifier" and "head.weight" in sd and not model_config.get("cls_embed", False):
+        logging.warning("a fine-tuned classifier without a class token: mae_st's pools its patch tokens after "
+                        "dropping token 0 (meant for the class token), ours pools them all, so the logits differ")
     abstract = _abstract_params({**model_config, "kind": kind})
     if kind == "classifier" and not any(k.startswith("head.") for k in sd):
         logging.info("no head in the checkpoint: the classifier head stays initialised")
@@ -393,8 +456,8 @@ def load_into_model(path: str, *, allow_pickle: bool = False, **overrides):
     `overrides` are constructor kwargs (num_heads=16, attention_impl='cudnn', ...) or
     kind='classifier', num_classes=K to fine-tune from pre-training weights.
     """
-    state_dict = load_torch_state_dict(path, allow_pickle=allow_pickle)
-    config = infer_model_config(state_dict, **overrides)
+    state_dict, hints = load_torch_file(path, allow_pickle=allow_pickle)
+    config = infer_model_config(state_dict, hints, **overrides)
     params = complete_params(torch_to_params(state_dict, config), config)
     return model_from_params(params, config)
 
@@ -436,8 +499,8 @@ def convert(input_path: str, output: str, *, export: bool = False, overrides: di
         torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, output)
         logging.info("wrote %d tensors to %s", len(state), output)
         return config
-    state_dict = load_torch_state_dict(input_path, allow_pickle=allow_pickle)
-    config = infer_model_config(state_dict, **(overrides or {}))
+    state_dict, hints = load_torch_file(input_path, allow_pickle=allow_pickle)
+    config = infer_model_config(state_dict, hints, **(overrides or {}))
     params = complete_params(torch_to_params(state_dict, config), config)
     checkpoint.save_params(output, params, config)
     logging.info("wrote %s params (%s) to %s", config["kind"], config, output)
@@ -452,8 +515,11 @@ def main(argv: list[str]) -> None:
     FLAGS([argv[0]] + [a for a in argv[1:] if not a.startswith("--config.")])
     if not FLAGS.input or not FLAGS.output:
         raise SystemExit(f"usage: {__doc__}\n{FLAGS.get_help()}")
-    convert(FLAGS.input, FLAGS.output, export=FLAGS.export, overrides=parse_overrides(config_args),
-            allow_pickle=FLAGS.allow_pickle)
+    try:
+        convert(FLAGS.input, FLAGS.output, export=FLAGS.export, overrides=parse_overrides(config_args),
+                allow_pickle=FLAGS.allow_pickle)
+    except (ValueError, OSError) as e:  # a wrong file, setting or path: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -50,6 +50,16 @@ def check_params_match(params, expected) -> None:
                          "cls_embed, sep_pos_embed): " + "; ".join(problems[:12]))
 
 
+def check_head_count(saved_model: dict, model_config, path: str) -> None:
+    """Raise a ValueError when `path`'s model.json and config.model disagree on num_heads: the head
+    count changes no parameter shape, so check_params_match cannot see it, but the model would differ."""
+    saved = saved_model.get("num_heads")
+    wanted = model_config.get("num_heads") if hasattr(model_config, "get") else None
+    if saved is not None and wanted is not None and int(saved) != int(wanted):
+        raise ValueError(f"config.init_from={path} has num_heads={saved} (its model.json), config.model.num_heads="
+                         f"{wanted}: set --config.model.num_heads={saved} (the parameter shapes cannot show it)")
+
+
 def abstract_with_shardings(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 

@@ -2,8 +2,6 @@
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -24,23 +22,58 @@ def _grid_from_shapes(params) -> tuple[int, int, int] | None:
     return params["pos_embed_temporal"].shape[1], side, side
 
 
+def torch_resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
+    """float32 [n_out, n_in]: torch.nn.functional.interpolate(mode='bicubic' | 'linear',
+    align_corners=False) along one axis as a matrix, its weights computed in float32 as torch's CPU
+    kernels do. Output i reads input position (i + 0.5) * n_in / n_out - 0.5; bicubic: Keys' kernel with
+    a = -0.75 (torch's) over the 4 nearest inputs, indices clamped to the edge (the edge value repeated);
+    linear: the position clamped at 0, the 2 nearest inputs."""
+    f = np.float32
+    scale, half, a = f(n_in) / f(n_out), f(0.5), f(-0.75)
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+    out = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        x = scale * (f(i) + half) - half
+        if method == "cubic":
+            x0 = int(np.floor(x))
+            t = min(max(x - f(x0), f(0)), f(1))
+            weights = (far(t + f(1)), near(t), near(f(1) - t), far(f(1) - t + f(1)))
+            for k, wk in zip(range(x0 - 1, x0 + 3), weights):
+                out[i, min(max(k, 0), n_in - 1)] += wk
+        elif method == "linear":
+            x = max(x, f(0))
+            x0 = int(x)
+            x1 = x0 + (1 if x0 < n_in - 1 else 0)
+            t = min(max(x - f(x0), f(0)), f(1))
+            out[i, x0] += f(1) - t
+            out[i, x1] += t
+        else:
+            raise ValueError(f"resize method {method!r}: choose 'cubic' or 'linear'")
+    return out
+
+
 def _resize(table, new_shape, spatial_method: str):
-    """[t, h, w, E] -> [*new_shape, E]: spatial (h, w) with `spatial_method`, then temporal t linearly."""
+    """[t, h, w, E] -> [*new_shape, E]: spatial (h, w) with `spatial_method`, then temporal t linearly,
+    each as torch's interpolate(align_corners=False) does it (in float32)."""
     t, h, w, e = table.shape
-    x = jnp.asarray(table, jnp.float32)
+    x = np.asarray(table, np.float32)
     if (h, w) != tuple(new_shape[1:3]):
-        x = jax.image.resize(x, (t, *new_shape[1:3], e), spatial_method, antialias=False)
+        rows = torch_resize_matrix(h, new_shape[1], spatial_method)
+        cols = torch_resize_matrix(w, new_shape[2], spatial_method)
+        x = np.einsum("ih,thwe->tiwe", rows, x)
+        x = np.einsum("jw,tiwe->tije", cols, x)
     if t != new_shape[0]:
-        x = jax.image.resize(x, (*new_shape, e), "linear", antialias=False)
-    return np.asarray(x).astype(table.dtype)
+        x = np.einsum("st,thwe->shwe", torch_resize_matrix(t, new_shape[0], "linear"), x)
+    return x.astype(table.dtype)
 
 
 def interpolate_pos_embed(params: dict, old_grid, new_grid, spatial_method: str = "cubic") -> dict:
     """The encoder's position tables resized from token grid old_grid (T', H', W') to new_grid.
 
-    Spatial: bicubic ('cubic') or 'linear' over H' x W'; temporal: linear over T'. jax.image.resize
-    with half-pixel centres and no antialiasing, like torch's align_corners=False (its bicubic uses
-    a = -0.75, ours Keys' a = -0.5). Class position and cls token untouched; identity when grids match.
+    Spatial: bicubic ('cubic') or 'linear' over H' x W'; temporal: linear over T'; both as torch's
+    interpolate(align_corners=False) (mae_st's interpolate_pos_embed resizes a joint table spatially
+    with its bicubic), to float32 rounding. Class position and cls token untouched; identity when grids match.
     """
     (t0, h0, w0), (t1, h1, w1) = tuple(old_grid), tuple(new_grid)
     if (t0, h0, w0) == (t1, h1, w1):
@@ -86,4 +119,5 @@ def load_encoder_params(init_from: str, expected_params, model_config, *, interp
                         init_from, tuple(old_grid), tuple(new_grid))
         encoder = interpolate_pos_embed(encoder, old_grid, new_grid)
     step_lib.check_params_match(encoder, {k: v for k, v in expected_params.items() if is_encoder_param(k)})
+    step_lib.check_head_count(ckpt_config, model_config, init_from)
     return encoder
