@@ -246,6 +246,24 @@ def test_second_run_on_a_workdir_in_use_stops_at_once(tiny_config, tmp_path):
     assert sorted(_losses(tmp_path)) == [1, 2]
 
 
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+def test_a_filesystem_without_flock_trains_unlocked_with_a_warning(tmp_path, monkeypatch, caplog, code):
+    """NFS mounted nolock, Lustre without -o flock: flock fails with these, which do not mean 'in use'."""
+    import errno
+    import fcntl
+
+    def no_flock(*args):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING"):
+        with loop.WorkdirLock(str(tmp_path)) as lock:
+            assert lock._file is None
+    assert "does not support flock" in caplog.text
+    monkeypatch.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(BlockingIOError(errno.EWOULDBLOCK, "busy")))
+    with pytest.raises(loop.WorkdirInUse):  # a real conflict still stops
+        loop.WorkdirLock(str(tmp_path)).__enter__()
+
 def test_a_torn_metrics_line_does_not_block_resume(tiny_config, tmp_path, caplog):
     tiny_config.total_steps = 2
     pretrain.train(tiny_config, str(tmp_path))

@@ -240,6 +240,32 @@ def test_two_processes_train_as_one_read_disjoint_clips_and_share_checkpoints(tm
     _assert_same_state(alone["state"], resumed[0]["state"])
 
 
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """A preemption notice that reaches one process (or reaches them in different steps): JAX's preemption
+    service, not a per-process flag, decides the step, so both save it together and exit 0 (a per-process
+    flag left the other process waiting in the next step's collective, for ever)."""
+    import signal
+
+    run = _start(tmp_path, "pre", tmp_path / "w", processes=2, devices=2,
+                 overrides={**FSDP4, "total_steps": 200, "schedule_steps": 200, "checkpoint_every_steps": 100})
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    try:
+        while not (metrics.exists() and any(json.loads(line)["step"] >= 3 for line in
+                                            metrics.read_text().splitlines() if line.endswith("}"))):
+            assert all(p.poll() is None for p in run["procs"]) and time.time() < run["deadline"], \
+                _tail(run["logs"][0])
+            time.sleep(0.2)
+        run["procs"][1].send_signal(signal.SIGTERM)
+        results = _wait(run)
+    finally:
+        _kill(run)
+    stopped = [re.findall(r"Stopped for preemption after step (\d+)", r["log"]) for r in results]
+    assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped
+    step = int(stopped[0][0])
+    assert 3 < step < 200
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == [str(step)]
+    assert all(max(map(int, r["logged"])) == step for r in results)
+
 def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
     import jax
 

@@ -32,15 +32,32 @@ class Outcome:
     preempted: bool = False
 
 
+def _preemption_service() -> bool:
+    """True when JAX's preemption service runs (several processes): its own SIGTERM handler tells the
+    coordinator, and mgr.reached_preemption(step) then turns True at the same step on every process."""
+    try:
+        from jax._src import distributed as jax_distributed
+        return jax.process_count() > 1 and jax_distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
 class StopSignal:
-    """Remembers a SIGTERM (preemption notice) so the loop can finish the step and save."""
+    """Remembers a SIGTERM (preemption notice) so the loop can finish the step and save. With several
+    processes JAX's preemption service handles SIGTERM instead (a Python handler would replace its
+    handler): the processes must stop at the same step, which a per-process flag cannot give."""
 
     def __init__(self):
         self.received = False
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if _preemption_service():
+            logging.info("SIGTERM goes to JAX's preemption service: every process stops after the same step")
+        elif threading.current_thread() is threading.main_thread():
+            if jax.process_count() > 1:
+                logging.warning("JAX's preemption service is off (jax_enable_preemption_service): a SIGTERM that "
+                                "does not reach every process in the same step can hang the run")
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -188,7 +205,13 @@ class WorkdirLock:
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this filesystem
+                f.close()
+                logging.warning("workdir %s: its filesystem does not support flock (%s): running without the "
+                                "lock that stops a second run on the same workdir", os.path.dirname(self.path),
+                                os.strerror(e.errno) if e.errno else e)
+                return self
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
