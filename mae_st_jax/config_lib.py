@@ -14,6 +14,27 @@ SOURCES = ("synthetic", "tfrecord", "videos", "tfds")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def parse_flags(argv):
+    """absl's flag parsing for app.run(main, flags_parser=parse_flags): a --config.* override naming no
+    config field (ml_collections raises AttributeError/KeyError, three chained tracebacks) exits with
+    one line, its 'Did you mean' kept; other flag errors as absl reports them."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as e:
+        import re
+
+        text = str(e.args[0]) if e.args else str(e)
+        field, hint = re.search(r"(\w+)", text), re.search(r"Did you mean [^?]*\?", text)
+        sys.exit(f"flag error: a --config override names no config field: {field[1] if field else text}"
+                 + (f" ({hint[0]})" if hint else ""))
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
@@ -302,9 +323,12 @@ def validate_finetune(config, num_devices: int, process_count: int = 1) -> None:
     if not 0.0 <= f.reprob <= 1.0:
         raise ConfigError(f"config.finetune.reprob={f.reprob} must be in [0, 1]")
     t = config.test
-    if t.temporal_views < 1 or t.spatial_views not in (1, 3) or t.batch_videos < 0:
-        raise ConfigError(f"config.test: temporal_views={t.temporal_views} must be >= 1, spatial_views="
-                          f"{t.spatial_views} 1 or 3, batch_videos={t.batch_videos} >= 0")
+    if t.temporal_views < 1:
+        raise ConfigError(f"config.test.temporal_views={t.temporal_views} must be >= 1")
+    if t.spatial_views not in (1, 3):
+        raise ConfigError(f"config.test.spatial_views={t.spatial_views} must be 1 or 3")
+    if t.batch_videos < 0:
+        raise ConfigError(f"config.test.batch_videos={t.batch_videos} must be >= 0")
     if t.split not in ("eval", "train"):
         raise ConfigError(f"config.test.split={t.split!r}: choose 'eval' or 'train'")
     if config.mode == "evaluate" and t.split == "eval" and not has_eval_data(config):

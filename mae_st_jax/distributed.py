@@ -138,6 +138,32 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
+def gather(name: str, value: str, timeout_s: int = 3600) -> list[str]:
+    """Every process's `value`, by process index ([value] for one process), through the coordination
+    service's key-value store (no device collective: it works before anything compiled)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed as jax_distributed
+    client = jax_distributed.global_state.client
+    key = f"mae_st_jax/{name.replace(' ', '_')}/{next(_barrier_ids)}"
+    client.key_value_set(f"{key}/{jax.process_index()}", value)
+    client.wait_at_barrier(key.replace("/", "_"), timeout_in_ms=timeout_s * 1000)
+    values = dict(client.key_value_dir_get(f"{key}/"))
+    return [values[f"{key}/{i}"] for i in range(jax.process_count())]
+
+
+def first_error(name: str, error: BaseException | None) -> str | None:
+    """Every process learns whether one failed at the same point: None when none did, else the first
+    failing process's message (prefixed `process K: ` on the others). A process that stops on its own
+    error alone would leave the others waiting for it at the next barrier or collective."""
+    values = gather(name, " ".join(str(error).split()) or type(error).__name__ if error is not None else "")
+    failed = [(i, v) for i, v in enumerate(values) if v]
+    if not failed:
+        return None
+    i, message = failed[0]
+    return message if i == jax.process_index() else f"process {i}: {message}"
+
+
 def define_flags() -> None:
     """--coordinator_address / --num_processes / --process_id, for the CLIs that call initialize()."""
     from absl import flags

@@ -1,6 +1,7 @@
 """Command-line entry: `python -m mae_st_jax.main --config=configs/demo.py --workdir=DIR` runs config.mode."""
 
 import logging as pylogging
+import hashlib
 import sys
 
 if __name__ == "__main__":  # before JAX starts; on CPU-only hosts this may re-execute the command once
@@ -40,6 +41,12 @@ def main(argv):
     config = FLAGS.config
     logging.info("JAX %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
+    digest = hashlib.sha256(f"{config.to_json_best_effort(sort_keys=True)} {FLAGS.workdir}".encode()).hexdigest()
+    digests = distributed.gather("config", digest)
+    if len(set(digests)) > 1:
+        differ = [i for i, d in enumerate(digests) if d != digests[0]]
+        sys.exit(f"flag error: process {differ[0]} was given another config or workdir than process 0 (processes "
+                 f"{differ} differ): every process must run the same command")
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
     except config_lib.ConfigError as e:
@@ -65,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -347,3 +347,15 @@ def test_values_that_used_to_fail_after_compiling_are_config_errors(field, value
     section, name = field.split(".") if "." in field else (None, field)
     (c[section] if section else c)[name] = value
     expect_error(c, *words)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("temporal_views", 0, "config.test.temporal_views=0 must be >= 1"),
+    ("spatial_views", 2, "config.test.spatial_views=2 must be 1 or 3"),
+    ("batch_videos", -1, "config.test.batch_videos=-1 must be >= 0"),
+])
+def test_multiview_test_fields_name_the_one_that_failed(field, value, words):
+    c = load("finetune").get_config("demo")
+    c.mode = "evaluate"
+    c.test[field] = value
+    assert expect_error(c, words, num_devices=1) == words

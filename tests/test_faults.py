@@ -277,6 +277,13 @@ def test_a_torn_metrics_line_does_not_block_resume(tiny_config, tmp_path, caplog
     assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
 
 
+def test_a_misspelled_config_override_is_one_line(tmp_path):
+    proc = _main(tmp_path / "a", "--config.total_stepz=2")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1] == ('flag error: a --config override names no config field: total_stepz '
+                                            '(Did you mean "total_steps" instead of "total_stepz"?)')
+
 def test_user_errors_are_one_line(tmp_path):
     """What a user causes prints one line and exits 1: no traceback."""
     proc = _main(tmp_path / "a", "--config.total_steps=2", f"--config.init_from={tmp_path / 'nothing'}")

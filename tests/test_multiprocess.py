@@ -266,6 +266,49 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == [str(step)]
     assert all(max(map(int, r["logged"])) == step for r in results)
 
+def _main_processes(tmp_path, flags: list[str], per_process: dict | None = None, processes: int = 2):
+    """Run `python -m mae_st_jax.main` in `processes` processes (1 fake device each); (return codes, last
+    output lines)."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "mae_st_jax.main", "--config=configs/demo.py",
+                               *_flags(TINY), *flags, *(per_process or {}).get(i, []),
+                               f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+                               f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], [out.strip().splitlines()[-1] for out in outs]
+
+
+def test_processes_given_different_configs_stop_at_once(tmp_path):
+    codes, last = _main_processes(tmp_path, [f"--workdir={tmp_path / 'w'}"],
+                                  per_process={1: ["--config.total_steps=6"]})
+    assert codes == [1, 1], last
+    for line in last:
+        assert line == ("flag error: process 1 was given another config or workdir than process 0 (processes [1] "
+                        "differ): every process must run the same command")
+
+
+def test_a_start_up_error_on_one_process_stops_every_process_in_one_line(tmp_path):
+    """Two shards of one video: process 1's shard holds no record. Both processes stop with the message
+    (process 0 used to wait at the next barrier for an hour)."""
+    from mae_st_jax.data import fake_videos, make_shards
+
+    fake_videos.write_video(str(tmp_path / "v.mp4"), fake_videos.shape_frames(20, 32, 32), fps=30)
+    (tmp_path / "list.txt").write_text("v.mp4 0\n")
+    make_shards.convert(str(tmp_path / "list.txt"), str(tmp_path / "shards"), 2, short_side=32, workers=1)
+    codes, last = _main_processes(tmp_path, [f"--workdir={tmp_path / 'w'}", "--config.data.source=tfrecord",
+                                             f"--config.data.path={tmp_path / 'shards'}/*.tfrecord",
+                                             "--config.data.num_videos=1"])
+    assert codes == [1, 1], last
+    message = f"config.data.path='{tmp_path / 'shards'}/*.tfrecord': the shards of process 1 hold no record"
+    assert last == [f"error: process 1: {message}", f"error: {message}"]
+
 def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
     import jax
 

@@ -168,6 +168,10 @@ class DataError(RuntimeError):
     """Too many clips came from unreadable videos."""
 
 
+class DataSourceError(DataError, ValueError):
+    """config.data names data this process cannot train on (no files, too few for the processes, labels)."""
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient (the state is not saved)."""
 
@@ -231,13 +235,33 @@ class WorkdirLock:
 
 
 def run(config, workdir: str, **kwargs) -> Outcome:
-    """Train `config` in `workdir` (see _run), holding the workdir's lock."""
-    check_writable(workdir)
-    with WorkdirLock(workdir):
-        return _run(config, workdir, **kwargs)
+    """Train `config` in `workdir` (see _run), holding the workdir's lock. The start-up checks (the workdir
+    writable and free, this process's data) end the same way on every process: a failure on one stops
+    them all with its one-line message, instead of leaving the others waiting at the first barrier."""
+    lock, error, source = WorkdirLock(workdir), None, None
+    try:
+        check_writable(workdir)
+        lock.__enter__()
+        source = pipeline.make_source(config)
+    except (*USER_ERRORS, ValueError, OSError) as e:
+        if jax.process_count() == 1 and not isinstance(e, USER_ERRORS + (ValueError,)):
+            raise  # one process: a missing file keeps its type (and traceback)
+        error = e
+    message = distributed.first_error("start-up checks", error)
+    if message is not None:
+        lock.__exit__(None, None, None)
+        if isinstance(error, USER_ERRORS):
+            raise error
+        if isinstance(error, ValueError):  # the data source's own checks (no shards, too few files, labels)
+            raise DataSourceError(message) from None
+        raise (WorkdirError if error is None else DataError)(message) from None
+    try:
+        return _run(config, workdir, source=source, **kwargs)
+    finally:
+        lock.__exit__(None, None, None)
 
 
-def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_shardings: dict, model_json: dict,
+def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, batch_shardings: dict, model_json: dict,
          init_params=None, after_step=None, name: str = "Training") -> Outcome:
     """Train `config` in `workdir`.
 
@@ -284,7 +308,7 @@ def _run(config, workdir: str, *, mesh, model_fn, tx, make_train_step, batch_sha
 
     parameter_overview.log_parameter_overview(state["params"], include_stats=False)
     train_step = make_train_step(graphdef, state_sh)
-    loader = pipeline.ClipLoader(pipeline.make_source(config), config, process_index=jax.process_index(),
+    loader = pipeline.ClipLoader(source, config, process_index=jax.process_index(),
                                  process_count=jax.process_count())
     log = MetricsLog(workdir, resume_step=start)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=log.writer)]
