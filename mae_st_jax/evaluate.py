@@ -160,8 +160,9 @@ def run_views(step_fn, params, source, config, temporal: int, spatial: int, mesh
         labels.append(_gather(glob["label"]))
         valid.append(_gather(glob["valid"]))
         bad.extend(host["bad"])
-    outputs = np.concatenate(outputs)[:n]
-    return outputs, np.concatenate(labels)[:n], np.concatenate(valid)[:n], bad
+    outputs, valid = np.concatenate(outputs)[:n], np.concatenate(valid)[:n]
+    outputs[~valid] = 0  # an unreadable video's row (the model's output for a black clip) is zeros
+    return outputs, np.concatenate(labels)[:n], valid, bad
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -206,8 +207,9 @@ def load_classifier_params(config, path: str, abstract_params, shardings):
 def _name(source, i: int) -> str:
     try:
         return source.info(i).name
-    except BadVideo:
-        return f"video_{i}"
+    except BadVideo:  # a listed file that cannot be read keeps its path; a bad record has no name to give
+        paths = getattr(source, "paths", None)
+        return str(paths[i]) if paths is not None and i < len(paths) else f"video_{i}"
 
 
 def write_predictions(directory: str, source, probs, labels, valid, bad, results: dict) -> None:
@@ -219,7 +221,7 @@ def write_predictions(directory: str, source, probs, labels, valid, bad, results
         w.writerow(["index", "name", "label", "pred", "prob", "correct", "top5"])
         bad = set(bad)
         for i in range(len(probs)):
-            name = _name(source, i) if i not in bad else f"video_{i}"
+            name = _name(source, i)
             if not valid[i]:
                 w.writerow([i, name, "", "", "", "skipped", ""])
                 continue

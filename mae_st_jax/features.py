@@ -9,8 +9,8 @@
 
 A feature is the encoder's final-norm output of the mean over patch tokens (the classifier's input,
 VideoClassifier.features), averaged over the requested views of each video. The CLI writes
-features.npy [N, E] float32, labels.npy [N] int32, valid.npy [N] bool (False: unreadable video,
-zeros) and names.txt.
+features.npy [N, E] float32, labels.npy [N] int32, valid.npy [N] bool (False: unreadable video, its
+features row zeros) and names.txt (an unreadable listed file by its path).
 """
 
 from __future__ import annotations
@@ -133,4 +133,6 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    from mae_st_jax import config_lib
+
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -298,6 +298,17 @@ def test_extract_features_matches_the_model(tiny_config, tmp_path):
     np.testing.assert_allclose(got, np.asarray(model.features(jnp.asarray(x, jnp.float32))), rtol=1e-5, atol=1e-5)
     assert got.shape == (len(videos), c.model.embed_dim) and np.isfinite(got).all()
 
+    # a list with an unreadable file: its row is zeros, marked invalid, and named by its path
+    for k in (0, 2):
+        fake_videos.write_video(str(tmp_path / f"v{k}.mp4"), fake_videos.shape_frames(24, 40, 48, seed=k), fps=30)
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 2000)
+    (tmp_path / "list.txt").write_text("v0.mp4 0\nbad.mp4 1\nv2.mp4 1\n")
+    c.data.update(source="videos", path=str(tmp_path / "list.txt"), sampling_rate=2)
+    feats, labels, valid, names = features.dataset_features(c, str(tmp_path / "pre"))
+    np.testing.assert_array_equal(valid, [True, False, True])
+    assert not feats[1].any() and feats[0].any() and feats[2].any()
+    assert names[1] == str(tmp_path / "bad.mp4") and names[0] == str(tmp_path / "v0.mp4")
+
 
 def test_features_cli_writes_npy(tiny_config, tmp_path):
     pretrain.train(tiny_config, str(tmp_path / "pre"))
