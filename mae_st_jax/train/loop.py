@@ -250,6 +250,8 @@ def run(config, workdir: str, **kwargs) -> Outcome:
     message = distributed.first_error("start-up checks", error)
     if message is not None:
         lock.__exit__(None, None, None)
+        if error is not None:  # the details (traceback) in the log; the error itself is one line
+            logging.info("Start-up check failed on this process", exc_info=error)
         if isinstance(error, USER_ERRORS):
             raise error
         if isinstance(error, ValueError):  # the data source's own checks (no shards, too few files, labels)
