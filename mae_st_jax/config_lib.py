@@ -31,6 +31,9 @@ def parse_flags(argv):
 
         text = str(e.args[0]) if e.args else str(e)
         field, hint = re.search(r"(\w+)", text), re.search(r"Did you mean [^?]*\?", text)
+        overrides = [a.split("=", 1)[0].split(".") for a in argv[1:] if a.startswith("--config.")]
+        if field is None or not any(field[1] in names for names in overrides):
+            raise  # not from an override: the config file's own error, with its traceback
         sys.exit(f"flag error: a --config override names no config field: {field[1] if field else text}"
                  + (f" ({hint[0]})" if hint else ""))
 

@@ -245,6 +245,12 @@ def test_cli_errors_are_one_line(tmp_path, pretrain_sd, capsys):
     with pytest.raises(SystemExit) as err:
         conv.main(["from_torch", f"--input={tmp_path / 'absent.pth'}", f"--output={tmp_path / 'o'}"])
     assert str(err.value).startswith("error: ") and "absent.pth" in str(err.value)
+    (tmp_path / "noise.pth").write_bytes(np.random.default_rng(0).bytes(3000))
+    for extra in ([], ["--allow_pickle"]):
+        with pytest.raises(SystemExit) as err:
+            conv.main(["from_torch", f"--input={tmp_path / 'noise.pth'}", f"--output={tmp_path / 'o'}", *extra])
+        assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+        assert ("pass --allow_pickle" in str(err.value)) == (not extra)
     assert not (tmp_path / "o").exists()
 
 

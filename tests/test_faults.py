@@ -246,6 +246,18 @@ def test_second_run_on_a_workdir_in_use_stops_at_once(tiny_config, tmp_path):
     assert sorted(_losses(tmp_path)) == [1, 2]
 
 
+def test_a_failed_start_releases_the_workdir_lock(tiny_config, tmp_path):
+    """A notebook keeps the last exception (and so its frames, the lock file among them): the lock must be
+    released when start-up fails, or the next run in the same kernel finds its own pid holding it."""
+    bad = tiny_config.copy_and_resolve_references()
+    bad.data.update(source="videos", path=str(tmp_path))  # a directory given as the list file
+    with pytest.raises(Exception) as kept:
+        pretrain.train(bad, str(tmp_path / "w"))
+    assert kept.value is not None
+    tiny_config.total_steps = 1
+    pretrain.train(tiny_config, str(tmp_path / "w"))  # not WorkdirInUse
+    assert sorted(_losses(tmp_path / "w")) == [1]
+
 @pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
 def test_a_filesystem_without_flock_trains_unlocked_with_a_warning(tmp_path, monkeypatch, caplog, code):
     """NFS mounted nolock, Lustre without -o flock: flock fails with these, which do not mean 'in use'."""
@@ -283,6 +295,16 @@ def test_a_misspelled_config_override_is_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert out.strip().splitlines()[-1] == ('flag error: a --config override names no config field: total_stepz '
                                             '(Did you mean "total_steps" instead of "total_stepz"?)')
+
+def test_an_error_inside_a_config_file_keeps_its_traceback(tmp_path):
+    (tmp_path / "bad.py").write_text("from configs.demo import get_config as demo\n\n\ndef get_config():\n"
+                                     "    c = demo()\n    c.model.detph = c.model.detph + 1\n    return c\n")
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "mae_st_jax.main", f"--config={tmp_path / 'bad.py'}",
+                        f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "a --config override names no config field" not in r.stderr
+    assert "bad.py" in r.stderr and "detph" in r.stderr  # the file and the line of the real mistake
 
 def test_user_errors_are_one_line(tmp_path):
     """What a user causes prints one line and exits 1: no traceback."""

@@ -83,6 +83,8 @@ def load_torch_file(path: str, *, allow_pickle: bool = False) -> tuple[dict[str,
     try:
         ckpt = load(not allow_pickle)
     except pickle.UnpicklingError as err:  # mae_st stores its argparse.Namespace under "args"
+        if allow_pickle:
+            raise ValueError(f"{path}: not a torch file torch.load can read ({err})") from None
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = load(True)
@@ -519,7 +521,7 @@ def main(argv: list[str]) -> None:
         convert(FLAGS.input, FLAGS.output, export=FLAGS.export, overrides=parse_overrides(config_args),
                 allow_pickle=FLAGS.allow_pickle)
     except (ValueError, OSError) as e:  # a wrong file, setting or path: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 
 if __name__ == "__main__":

@@ -239,25 +239,24 @@ def run(config, workdir: str, **kwargs) -> Outcome:
     writable and free, this process's data) end the same way on every process: a failure on one stops
     them all with its one-line message, instead of leaving the others waiting at the first barrier."""
     lock, error, source = WorkdirLock(workdir), None, None
-    try:
-        check_writable(workdir)
-        lock.__enter__()
-        source = pipeline.make_source(config)
-    except (*USER_ERRORS, ValueError, OSError) as e:
-        if jax.process_count() == 1 and not isinstance(e, USER_ERRORS + (ValueError,)):
-            raise  # one process: a missing file keeps its type (and traceback)
-        error = e
-    message = distributed.first_error("start-up checks", error)
-    if message is not None:
-        lock.__exit__(None, None, None)
-        if error is not None:  # the details (traceback) in the log; the error itself is one line
-            logging.info("Start-up check failed on this process", exc_info=error)
-        if isinstance(error, USER_ERRORS):
-            raise error
-        if isinstance(error, ValueError):  # the data source's own checks (no shards, too few files, labels)
-            raise DataSourceError(message) from None
-        raise (WorkdirError if error is None else DataError)(message) from None
-    try:
+    try:  # the lock is released however this ends
+        try:
+            check_writable(workdir)
+            lock.__enter__()
+            source = pipeline.make_source(config)
+        except Exception as e:
+            if jax.process_count() == 1 and not isinstance(e, USER_ERRORS + (ValueError,)):
+                raise  # one process: a missing file keeps its type (and traceback)
+            error = e
+        message = distributed.first_error("start-up checks", error)
+        if message is not None:
+            if error is not None:  # the details (traceback) in the log; the error itself is one line
+                logging.info("Start-up check failed on this process", exc_info=error)
+            if isinstance(error, USER_ERRORS):
+                raise error
+            if isinstance(error, ValueError):  # the data source's own checks (no shards, too few files, labels)
+                raise DataSourceError(message) from None
+            raise (WorkdirError if error is None else DataError)(message) from None
         return _run(config, workdir, source=source, **kwargs)
     finally:
         lock.__exit__(None, None, None)
