@@ -426,8 +426,11 @@ def test_failing_checkpoint_write_stops_and_keeps_the_last_good_one(tiny_config,
     mgr = checkpoint.manager(str(tmp_path), async_save=False)
     assert mgr.all_steps() == [2]
     mgr.close()
+    # what a save that died half-way leaves (the disk it filled stays full until this goes)
+    shutil.copytree(tmp_path / "checkpoints" / "2", tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1")
     pretrain.train(tiny_config, str(tmp_path))  # resumes from the good checkpoint and finishes
     assert max(_losses(tmp_path)) == 6
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if "orbax-checkpoint-tmp" in p]
 
 
 def _shards_with_bad_jpegs(directory, num_videos=20, bad_every=10, num_shards=2):

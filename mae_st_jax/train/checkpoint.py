@@ -13,10 +13,14 @@ from etils import epath
 PARAMS_DIR, MODEL_JSON = "params", "model.json"
 
 
-def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """CheckpointManager over `workdir/checkpoints`; only committed steps are listed."""
+def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+            cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+    """CheckpointManager over `workdir/checkpoints`; only committed steps are listed. `cleanup_tmp`: delete
+    the uncommitted step folders a crash or a full disk left (only for the run that owns the workdir:
+    another run's may be saving)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=cleanup_tmp)
     return ocp.CheckpointManager(absolute(workdir) / "checkpoints", options=options)
 
 

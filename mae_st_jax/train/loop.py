@@ -272,7 +272,7 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     """
     total = config_lib.total_steps(config)
     make_manager = lambda: checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
-                                              async_save=config.async_checkpoints)
+                                              async_save=config.async_checkpoints, cleanup_tmp=True)
     mgr = make_manager()
     fresh = not mgr.all_steps()
     from_init = init_params is not None and fresh
