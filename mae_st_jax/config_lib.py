@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.skip_nonfinite = False  # True: skip (and count) updates with a NaN/Inf loss or gradient
     c.skip_nonfinite_limit = 200  # ... but stop when this many updates in a row were skipped (0: never)
     c.data.max_skip_fraction = 0.1  # stop when more clips than this came from unreadable videos
+    c.data.read_timeout_s = 900  # stop when no batch comes for this long (a read that hangs); 0: wait for ever
     c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1, inject_nan_count=1))  # fault injection for tests
 
     c.log_every_steps = 50
@@ -284,6 +285,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         fail("config.optim.min_lr, weight_decay and clip_grad must be >= 0")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
         fail(f"config.optim.b1={o.b1} and b2={o.b2} must be in [0, 1)")
+    if d.get("read_timeout_s", 0) < 0:
+        fail(f"config.data.read_timeout_s={d.read_timeout_s} must be >= 0 (0: no limit)")
     if not 0.0 <= d.max_skip_fraction <= 1.0:
         fail(f"config.data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
     if config.skip_nonfinite_limit < 0:

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from mae_st_jax import evaluate
 from mae_st_jax.data import augment, fake_videos, make_shards, pipeline, records, sampling, sources, video_io
-from mae_st_jax.data.errors import BadVideo
+from mae_st_jax.data.errors import BadVideo, DataError
 from mae_st_jax.train import pretrain
 from mae_st_jax.train.logging import read_metrics
 
@@ -316,6 +316,9 @@ def test_list_labels_are_all_ints_or_all_names(tmp_path):
                                                             "c.mp4,playing guitar\nd.mp4,air drumming\n"))
     assert names == ["air drumming", "playing guitar", "tuning guitar"] and labels == [0, 2, 1, 0]
     assert paths == [str(tmp_path / f) for f in ("a.mp4", "b.mp4", "c.mp4", "d.mp4")]
+    # a byte-order mark (a list saved by a spreadsheet) is not part of the first path
+    assert sources.read_list(listed("bom.csv", "\ufeffa.mp4 1\r\nb.mp4 0\r\n"))[:2] == (
+        [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")], [1, 0])
     # one label that is not an int among ints is an error naming both lines, not a renumbering
     with pytest.raises(ValueError, match=r"mixed.csv: line 1 has an integer label \(0\) but line 3 a class name "
                                          r"\('l1'\)"):
@@ -374,6 +377,32 @@ def test_a_record_whose_bytes_changed_is_skipped(shards, tiny_config, tmp_path):
         source.frames(0, [0])
     assert source.frames(1, [0]).shape[0] == 1  # the other records read as before
 
+
+def test_a_fifo_is_an_unreadable_video_not_a_hang(tmp_path):
+    """av.open on a FIFO (or a device) blocks for ever: such a path is refused before it is opened."""
+    os.mkfifo(tmp_path / "f.mp4")
+    for read in (video_io.probe, lambda p: video_io.read_frames(p, [0]), lambda p: video_io.iter_frames(p)):
+        with pytest.raises(ValueError, match="f.mp4: not a regular file"):
+            read(str(tmp_path / "f.mp4"))
+    (tmp_path / "list.txt").write_text("f.mp4 0\n")
+    source = sources.VideoFiles(str(tmp_path / "list.txt"), num_classes=2)
+    with pytest.raises(BadVideo, match="not a regular file"):
+        source.info(0)
+
+
+def test_a_read_that_never_returns_stops_the_loader(tiny_config):
+    import time
+
+    loader = pipeline.ClipLoader(pipeline.make_source(tiny_config), tiny_config)
+    loader.batch = lambda step: time.sleep(3600)  # as a read from a hung mount
+    t0 = time.time()
+    with pytest.raises(DataError, match="no batch for 2 s: a video read does not return"):
+        next(loader.iterate(0, timeout_s=2))
+    assert time.time() - t0 < 30
+    tiny_config.data.source, tiny_config.data.read_timeout_s = "synthetic", -1
+    with pytest.raises(ValueError, match="read_timeout_s=-1 must be >= 0"):
+        from mae_st_jax import config_lib
+        config_lib.validate(tiny_config, 1)
 
 def test_videos_source_decodes_at_the_reference_short_side(videos, tiny_config):
     """As the reference's decoder (video_min_dimension), frames come resized to short side 256 for 224

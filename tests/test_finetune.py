@@ -326,6 +326,35 @@ def test_evaluate_counts_every_video_once_and_matches_numpy(tiny_config):
     assert got["eval_top1"] == pytest.approx(np.mean(order[:, 0] == labels), abs=1e-6)
     assert got["eval_top5"] == pytest.approx(np.mean((order[:, :5] == labels[:, None]).any(1)), abs=1e-6)
     assert got["eval_loss"] == pytest.approx(-np.mean(logp[np.arange(12), labels]), rel=1e-4)
+    assert got["eval_skipped"] == 0
+
+    # an unreadable validation video is left out and counted (it used to end the run after training)
+    from mae_st_jax.data.errors import BadVideo
+
+    class Unreadable:
+        def __init__(self, source, bad):
+            self.source, self.bad = source, bad
+
+        def __len__(self):
+            return len(self.source)
+
+        def info(self, i):
+            if i in self.bad:
+                raise BadVideo(f"video {i}: Invalid data found when processing input")
+            return self.source.info(i)
+
+        def frames(self, i, idx):
+            return self.source.frames(i, idx)
+
+    flaky = Unreadable(source, {1, 7})
+    batch = next(validation.eval_batches(flaky, c, 8))
+    np.testing.assert_array_equal(batch["valid"], [i not in (1, 7) for i in range(8)])
+    assert not batch["video"][1].any()
+    got = finetune.evaluate(eval_step, params, flaky, c, finetune_step.eval_batch_shardings(mesh))
+    keep = np.array([i not in (1, 7) for i in range(12)])
+    assert got["eval_skipped"] == 2
+    assert got["eval_top1"] == pytest.approx(np.mean((order[:, 0] == labels)[keep]), abs=1e-6)
+    assert got["eval_loss"] == pytest.approx(-np.mean(logp[np.arange(12), labels][keep]), rel=1e-4)
 
 
 def _finetune_losses(c, devices, num_steps=2):

@@ -3,3 +3,7 @@
 
 class BadVideo(Exception):
     """One video that cannot be read or decoded; the message says which and why."""
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run: too many unreadable videos, or no batch for too long."""

@@ -55,8 +55,7 @@ def convert_video(path: str, label: int, label_name: str, short_side: int = 256,
 
 def _open(path: str, short_side: int, fps: float):
     """(source fps, frame generator) with the output size worked out from the stream's size."""
-    import av
-    with av.open(path) as container:
+    with video_io.open_container(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]

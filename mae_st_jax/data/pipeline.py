@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from mae_st_jax.data import randaug, sampling
-from mae_st_jax.data.errors import BadVideo
+from mae_st_jax.data.errors import BadVideo, DataError
 from mae_st_jax.data import synthetic
 
 MAX_SKIPS = 16  # unreadable videos in a row before a batch gives up
@@ -134,7 +134,7 @@ class ClipLoader:
             for r, f, out in zip(rngs, np.split(frames, len(slots)), outs):
                 self._augment(r, f, out)
             return [info.label] * len(slots), len(slots) if attempt else 0  # clips replaced, not tries
-        raise RuntimeError(f"step {step}: {MAX_SKIPS} videos in a row could not be read (the last: video {video}, "
+        raise DataError(f"step {step}: {MAX_SKIPS} videos in a row could not be read (the last: video {video}, "
                            f"see the warnings above); check the files at config.data.path")
 
     def batch(self, step: int) -> dict:
@@ -159,8 +159,9 @@ class ClipLoader:
         label = np.asarray(labels, np.int32).reshape(self.accum, len(self.columns))
         return {"video": video, "label": label, "skipped": np.int64(skipped)}
 
-    def iterate(self, start_step: int, prefetch: int = 2):
-        """Yield (step, host batch) from start_step on, `prefetch` batches ahead in a thread."""
+    def iterate(self, start_step: int, prefetch: int = 2, timeout_s: float = 0):
+        """Yield (step, host batch) from start_step on, `prefetch` batches ahead in a thread; with
+        `timeout_s` > 0, a DataError when no batch comes for that long (a read that never returns)."""
         q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         stop = threading.Event()
 
@@ -183,7 +184,18 @@ class ClipLoader:
         thread.start()
         try:
             while True:
-                step, item = q.get()
+                waited = 0.0
+                while True:
+                    try:
+                        step, item = q.get(timeout=1.0)
+                        break
+                    except queue.Empty:
+                        waited += 1.0
+                        if timeout_s and waited >= timeout_s:
+                            raise DataError(
+                                f"no batch for {timeout_s:g} s: a video read does not return (a FIFO or device "
+                                f"in the list, a hung network mount?); config.data.read_timeout_s sets the "
+                                f"limit") from None
                 if isinstance(item, Exception):
                     raise item
                 yield step, item

@@ -190,7 +190,7 @@ def read_list(path: str, class_names: list[str] | None = None,
     if not tf.io.gfile.exists(path):
         raise ValueError(f"video list {path!r} does not exist")
     with tf.io.gfile.GFile(path, "r") as f:
-        lines = [(number, line.strip()) for number, line in enumerate(f.read().splitlines(), 1)]
+        lines = [(number, line.strip()) for number, line in enumerate(f.read().lstrip("\ufeff").splitlines(), 1)]
     lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
     base = os.path.dirname(path)
     entries = []  # (line number, path, label)

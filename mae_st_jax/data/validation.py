@@ -3,9 +3,11 @@
 import concurrent.futures
 
 import numpy as np
+from absl import logging
 
 from mae_st_jax import config_lib
 from mae_st_jax.data import sampling
+from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.data import synthetic
 
 
@@ -82,15 +84,32 @@ def eval_batches(source, config, batch_size: int, *, process_index: int = 0, pro
     """Yield host batches {'video': uint8 [b, T, H, W, C], 'label': int32 [b], 'valid': bool [b]}.
 
     Global batch j holds videos j * batch_size + [0, batch_size); this host reads its column block.
-    The last batch is padded with copies of video 0 marked valid=False.
+    The last batch is padded with copies of video 0 marked valid=False; an unreadable video is a blank
+    clip marked valid=False.
     """
     n = len(source)
     per_host = batch_size // process_count
     columns = np.arange(process_index * per_host, (process_index + 1) * per_host)
+    size = config.model.img_size
+    blank = np.zeros((config.model.num_frames, size, size, 3), np.uint8)
+
+    def read(v: int):
+        try:
+            return eval_clip(source, v, config)
+        except BadVideo as e:  # counted as not valid (eval_skipped), logged once per video
+            if (id(source), v) not in _WARNED:
+                _WARNED.add((id(source), v))
+                logging.warning("Validation: skipping unreadable video %d: %s", v, e)
+            return None
+
     with concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_workers)) as pool:
         for start in range(0, n, batch_size):
             videos = start + columns
-            valid = videos < n
-            clips = list(pool.map(lambda v: eval_clip(source, int(v), config), np.where(valid, videos, 0)))
-            yield {"video": np.stack([c[0] for c in clips]),
-                   "label": np.asarray([c[1] for c in clips], np.int32), "valid": valid}
+            in_range = videos < n
+            clips = list(pool.map(read, [int(v) for v in np.where(in_range, videos, 0)]))
+            valid = in_range & np.array([c is not None for c in clips])
+            yield {"video": np.stack([c[0] if c is not None else blank for c in clips]),
+                   "label": np.asarray([c[1] if c is not None else 0 for c in clips], np.int32), "valid": valid}
+
+
+_WARNED: set = set()

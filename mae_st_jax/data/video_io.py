@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import av
 import numpy as np
@@ -20,10 +22,18 @@ def _stream_fps(stream) -> float:
     return fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS
 
 
+def open_container(path: str):
+    """av.open for a file to decode; a local path that is not a regular file (a FIFO or a device would
+    block the reader for ever, a folder) is refused first."""
+    if "://" not in path and os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    return av.open(path)
+
+
 def probe(path: str) -> tuple[int, float]:
     """(number of frames, frames per second) from the container header; frames estimated from the
     duration when the header has no count. Raises one of DECODE_ERRORS for an unreadable file."""
-    with av.open(path) as container:
+    with open_container(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
@@ -57,7 +67,7 @@ def read_frames(path: str, frame_indices, fps: float | None = None, short_side: 
     """
     idx = np.asarray(frame_indices, np.int64)
     wanted = np.unique(idx)
-    with av.open(path) as container:
+    with open_container(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
@@ -119,7 +129,7 @@ def _decode_wanted(container, stream, wanted: np.ndarray, fps: float, seek: bool
 def iter_frames(path: str, fps: float = 0.0, width: int = 0, height: int = 0):
     """(source fps, generator of uint8 [h, w, 3] RGB frames in order), resampled to `fps` when > 0
     (output frame k is source frame floor(k * source_fps / fps)) and resized when width/height > 0."""
-    container = av.open(path)
+    container = open_container(path)
     if not container.streams.video:
         container.close()
         raise ValueError(f"{path}: no video stream")

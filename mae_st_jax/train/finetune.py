@@ -45,7 +45,9 @@ def evaluate(eval_step, params, source, config, batch_shardings) -> dict:
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
-    return {f"eval_{k}": float(totals[k]) / n for k in ("top1", "top5", "loss")}
+    out = {f"eval_{k}": float(totals[k]) / n for k in ("top1", "top5", "loss")}
+    out["eval_skipped"] = len(source) - int(totals["count"])  # unreadable videos
+    return out
 
 
 def train(config, workdir: str) -> dict:

@@ -19,6 +19,7 @@ from clu import parameter_overview, periodic_actions
 
 from mae_st_jax import config_lib, distributed, fileio
 from mae_st_jax.data import pipeline
+from mae_st_jax.data.errors import DataError
 from mae_st_jax.train import checkpoint, step as step_lib
 from mae_st_jax.train.logging import MetricsLog
 
@@ -164,8 +165,6 @@ class WorkdirError(OSError):
     """The workdir cannot be written or cannot hold the run's checkpoints."""
 
 
-class DataError(RuntimeError):
-    """Too many clips came from unreadable videos."""
 
 
 class DataSourceError(DataError, ValueError):
@@ -325,7 +324,8 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     logging.info("%s steps %d..%d, %d clips per step", name, start + 1, total, config.batch_size)
     with StopSignal() as stop:  # also over the final save's commit: a SIGTERM there waits for it
         try:
-            for step, host_batch in loader.iterate(start, prefetch=config.data.prefetch):
+            for step, host_batch in loader.iterate(start, prefetch=config.data.prefetch,
+                                                         timeout_s=config.data.get("read_timeout_s", 0)):
                 if step >= total:
                     break
                 batch = pipeline.to_global(host_batch, batch_shardings)
