@@ -26,12 +26,19 @@ from flax import nnx
 
 from mae_st_jax import config_lib, fileio
 from mae_st_jax.data import augment, pipeline, sampling, validation
-from mae_st_jax.data.errors import BadVideo
+from mae_st_jax.data.errors import BadVideo, FrameCountChanged
 from mae_st_jax.train import checkpoint, sharding as shd, step as step_lib
 
 
 def video_views(source, index: int, config, temporal: int, spatial: int) -> tuple[np.ndarray, int]:
     """(uint8 [temporal * spatial, T, S, S, C], label): view k * spatial + s is clip k, crop s."""
+    try:
+        return _video_views(source, index, config, temporal, spatial)
+    except FrameCountChanged:  # the file is shorter than its header said: sampled again over its real length
+        return _video_views(source, index, config, temporal, spatial)
+
+
+def _video_views(source, index: int, config, temporal: int, spatial: int) -> tuple[np.ndarray, int]:
     info = source.info(index)
     m, d = config.model, config.data
     clips = [sampling.test_clip(k, temporal, info.num_frames, m.num_frames, d.sampling_rate, info.fps, d.target_fps)

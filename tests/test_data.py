@@ -390,6 +390,27 @@ def test_a_fifo_is_an_unreadable_video_not_a_hang(tmp_path):
         source.info(0)
 
 
+def test_a_file_shorter_than_its_header_is_sampled_over_its_real_length(tmp_path):
+    """A truncated mkv still says 200 frames: a clip past its real end was 16 copies of the last frame,
+    never counted. Now the first such read is a counted skip that corrects the count."""
+    from mae_st_jax.data.errors import FrameCountChanged
+
+    fake_videos.write_video(str(tmp_path / "full.mkv"), fake_videos.shape_frames(200, 48, 64), fps=25)
+    data = (tmp_path / "full.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[:len(data) // 2])
+    (tmp_path / "list.txt").write_text("cut.mkv 0\n")
+    source = sources.VideoFiles(str(tmp_path / "list.txt"), num_classes=1)
+    claimed = source.info(0).num_frames
+    assert claimed >= 190
+    with pytest.raises(FrameCountChanged, match="the stream ends after"):
+        source.frames(0, np.arange(150, 182, 2))
+    real = source.info(0).num_frames
+    assert 20 < real < 150
+    clip = source.frames(0, np.arange(real - 16, real))  # within the real length: distinct frames
+    assert len({f.tobytes() for f in clip}) > 8
+    tail = source.frames(0, np.arange(real - 12, real + 4))  # a few past the end: padded, as before
+    np.testing.assert_array_equal(tail[-5:], np.repeat(tail[-5:-4], 5, axis=0))
+
 def test_a_read_that_never_returns_stops_the_loader(tiny_config):
     import time
 

@@ -7,3 +7,9 @@ class BadVideo(Exception):
 
 class DataError(RuntimeError):
     """The data cannot feed the run: too many unreadable videos, or no batch for too long."""
+
+
+class FrameCountChanged(BadVideo):
+    """The video holds fewer frames than its header said: its info now gives the real count, so a
+    clip sampled again from it fits (the loader counts this one as skipped; the test and validation
+    views sample again)."""

@@ -20,7 +20,7 @@ from absl import logging
 from google.protobuf.message import DecodeError
 
 from mae_st_jax.data import records, video_io
-from mae_st_jax.data.errors import BadVideo
+from mae_st_jax.data.errors import BadVideo, FrameCountChanged
 from mae_st_jax.data.synthetic import VideoInfo
 
 READ_ERRORS = video_io.DECODE_ERRORS + (DecodeError, tf.errors.OpError)
@@ -321,9 +321,16 @@ class VideoFiles:
         return VideoInfo(n, fps, self.labels[index], self.paths[index])
 
     def frames(self, index: int, frame_indices) -> np.ndarray:
-        _, fps = self._probe(index)
+        n, fps = self._probe(index)
         try:
             return video_io.read_frames(self.paths[index], frame_indices, fps, self.short_side)
+        except video_io.PastEnd as e:
+            if e.frames >= n:
+                raise BadVideo(str(e)) from e
+            self._infos[index] = (e.frames, fps)
+            logging.warning("%s: its header says %d frames, the stream ends after %d: clips come from those",
+                            self.paths[index], n, e.frames)
+            raise FrameCountChanged(f"{e} (its header says {n})") from e
         except READ_ERRORS as e:
             raise BadVideo(f"{self.paths[index]}: {e}") from e
 

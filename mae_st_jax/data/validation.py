@@ -7,7 +7,7 @@ from absl import logging
 
 from mae_st_jax import config_lib
 from mae_st_jax.data import sampling
-from mae_st_jax.data.errors import BadVideo
+from mae_st_jax.data.errors import BadVideo, FrameCountChanged
 from mae_st_jax.data import synthetic
 
 
@@ -65,6 +65,13 @@ def make_eval_source(config, limit: bool = True):
 def eval_clip(source, index: int, config):
     """(uint8 [T, H, W, C], label): mae_st's per-epoch validation clip (train-style random start and
     flip), drawn once per video from a generator seeded by (seed, video) so every evaluation agrees."""
+    try:
+        return _eval_clip(source, index, config)
+    except FrameCountChanged:  # the file is shorter than its header said: sampled again over its real length
+        return _eval_clip(source, index, config)
+
+
+def _eval_clip(source, index: int, config):
     info = source.info(index)
     rng = np.random.default_rng([config.seed, 3, index])
     idx = sampling.train_clip(rng, info.num_frames, config.model.num_frames, config.data.sampling_rate,

@@ -57,13 +57,23 @@ def _rgb(frame, short_side: int = 0) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
+class PastEnd(ValueError):
+    """Most of a clip's frames lie past the stream's real end (a header that claims more frames than the
+    file has, or a truncated file): `frames` is the real count."""
+
+    def __init__(self, message: str, frames: int):
+        super().__init__(message)
+        self.frames = frames
+
+
 def read_frames(path: str, frame_indices, fps: float | None = None, short_side: int = 0) -> np.ndarray:
     """uint8 [len(frame_indices), H, W, 3]: the frames numbered 0, 1, ... in presentation order
     (resized so the shorter side is `short_side` when > 0).
 
     Seeks to the key frame before the first wanted frame (frame i is at time i / fps), decodes up to
     the last wanted one and converts only the wanted frames to RGB. A wanted frame that the stream
-    skips takes the latest frame before it; wanted frames past the real end take the last frame.
+    skips takes the latest frame before it; wanted frames past the real end take the last frame, unless
+    they are more than half of the clip's frames: then PastEnd (the clip would be one still frame).
     """
     idx = np.asarray(frame_indices, np.int64)
     wanted = np.unique(idx)
@@ -77,21 +87,26 @@ def read_frames(path: str, frame_indices, fps: float | None = None, short_side: 
         if got is None:  # the seek landed past the first wanted frame: decode from the start
             container.seek(0, stream=stream)
             got = _decode_wanted(container, stream, wanted, fps, seek=False, short_side=short_side)
-    if got is None or not got:
+    if got is None or not got[0]:
         raise ValueError(f"{path}: no frame could be decoded")
+    got, end = got
+    if end is not None and 2 * int((wanted >= end).sum()) > len(wanted):
+        raise PastEnd(f"{path}: the stream ends after {end} frames, before most of the clip (frames "
+                      f"{wanted[0]}..{wanted[-1]})", end)
     by_index = dict(zip(wanted.tolist(), got))
     return np.stack([by_index[i] for i in idx.tolist()])
 
 
 def _decode_wanted(container, stream, wanted: np.ndarray, fps: float, seek: bool, short_side: int = 0):
-    """RGB arrays for `wanted` (sorted, unique) or None when a seek overshot the first of them."""
+    """(RGB arrays for `wanted` (sorted, unique), the stream's real frame count when it ended before the
+    last of them, else None), or None when a seek overshot the first of them."""
     time_base = float(stream.time_base) if stream.time_base else 0.0
     start = stream.start_time or 0
     use_pts = time_base > 0
     if seek and use_pts:
         container.seek(start + int(wanted[0] / fps / time_base), stream=stream, backward=True)
     out: list[np.ndarray] = []
-    prev, counter, last = None, 0, [None, None]  # last: (frame, its RGB array), reused for repeats
+    prev, prev_i, counter, last = None, -1, 0, [None, None]  # last: (frame, its RGB array), reused for repeats
 
     def rgb(frame):
         if last[0] is not frame:
@@ -116,14 +131,15 @@ def _decode_wanted(container, stream, wanted: np.ndarray, fps: float, seek: bool
             out.append(rgb(frame))
             k += 1
         if k == len(wanted):
-            return out
-        prev = frame
+            return out, None
+        prev, prev_i = frame, i
     if prev is None:
-        return out
+        return out, None
+    end = prev_i + 1 if k < len(wanted) else None
     while k < len(wanted):  # past the real end of the video
         out.append(rgb(prev))
         k += 1
-    return out
+    return out, end
 
 
 def iter_frames(path: str, fps: float = 0.0, width: int = 0, height: int = 0):
