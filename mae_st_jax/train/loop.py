@@ -249,10 +249,10 @@ def run(config, workdir: str, **kwargs) -> Outcome:
             error = e
         message = distributed.first_error("start-up checks", error)
         if message is not None:
-            if error is not None:  # the details (traceback) in the log; the error itself is one line
-                logging.info("Start-up check failed on this process", exc_info=error)
             if isinstance(error, USER_ERRORS):
                 raise error
+            if error is not None:  # not one of ours: its traceback in the log, the error itself one line
+                logging.info("Start-up check failed on this process", exc_info=error)
             if isinstance(error, ValueError):  # the data source's own checks (no shards, too few files, labels)
                 raise DataSourceError(message) from None
             raise (WorkdirError if error is None else DataError)(message) from None
