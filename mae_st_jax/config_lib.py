@@ -285,7 +285,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         fail("config.optim.min_lr, weight_decay and clip_grad must be >= 0")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
         fail(f"config.optim.b1={o.b1} and b2={o.b2} must be in [0, 1)")
-    if d.get("read_timeout_s", 0) < 0:
+    if d.read_timeout_s < 0:
         fail(f"config.data.read_timeout_s={d.read_timeout_s} must be >= 0 (0: no limit)")
     if not 0.0 <= d.max_skip_fraction <= 1.0:
         fail(f"config.data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")

@@ -138,13 +138,30 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
+def _jax_global_state():
+    """jax.distributed's process-wide state (its coordination-service client, preemption manager).
+    JAX has no public handle for these: this is the one place that reaches into jax._src for them."""
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state
+
+
+def preemption_service_running() -> bool:
+    """True when JAX's preemption service runs (several processes): its own SIGTERM handler tells the
+    coordinator, and mgr.reached_preemption(step) then turns True at the same step on every process."""
+    if jax.process_count() == 1:
+        return False
+    try:
+        return _jax_global_state().preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
+
+
 def gather(name: str, value: str, timeout_s: int = 3600) -> list[str]:
     """Every process's `value`, by process index ([value] for one process), through the coordination
     service's key-value store (no device collective: it works before anything compiled)."""
     if jax.process_count() == 1:
         return [value]
-    from jax._src import distributed as jax_distributed
-    client = jax_distributed.global_state.client
+    client = _jax_global_state().client
     key = f"mae_st_jax/{name.replace(' ', '_')}/{next(_barrier_ids)}"
     client.key_value_set(f"{key}/{jax.process_index()}", value)
     client.wait_at_barrier(key.replace("/", "_"), timeout_in_ms=timeout_s * 1000)

@@ -25,17 +25,14 @@ from absl import logging
 from flax import nnx
 
 from mae_st_jax import config_lib, fileio
-from mae_st_jax.data import augment, pipeline, sampling, validation
-from mae_st_jax.data.errors import BadVideo, FrameCountChanged
+from mae_st_jax.data import augment, errors, pipeline, sampling, validation
+from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.train import checkpoint, sharding as shd, step as step_lib
 
 
 def video_views(source, index: int, config, temporal: int, spatial: int) -> tuple[np.ndarray, int]:
     """(uint8 [temporal * spatial, T, S, S, C], label): view k * spatial + s is clip k, crop s."""
-    try:
-        return _video_views(source, index, config, temporal, spatial)
-    except FrameCountChanged:  # the file is shorter than its header said: sampled again over its real length
-        return _video_views(source, index, config, temporal, spatial)
+    return errors.sampled_again_if_shorter(_video_views, source, index, config, temporal, spatial)
 
 
 def _video_views(source, index: int, config, temporal: int, spatial: int) -> tuple[np.ndarray, int]:
@@ -84,7 +81,7 @@ def view_batches(source, config, videos_per_batch: int, temporal: int, spatial: 
         try:
             return video_views(source, v, config, temporal, spatial), None
         except BadVideo as e:
-            logging.warning("Skipping unreadable video %d in evaluation: %s", v, e)
+            errors.warn_once(source, v, "Skipping unreadable video %d in evaluation: %s", v, e)
             return None, v
 
     with concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_workers)) as pool:

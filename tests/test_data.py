@@ -411,6 +411,57 @@ def test_a_file_shorter_than_its_header_is_sampled_over_its_real_length(tmp_path
     tail = source.frames(0, np.arange(real - 12, real + 4))  # a few past the end: padded, as before
     np.testing.assert_array_equal(tail[-5:], np.repeat(tail[-5:-4], 5, axis=0))
 
+def test_an_unreadable_video_is_named_once_whichever_reader_finds_it(tiny_config, caplog):
+    """The training loader, the validation clips and the test views share one per-source record of
+    the videos already named in a warning; each find is still returned (and counted) by its caller."""
+    from mae_st_jax.data import errors, validation
+
+    class Flaky:
+        def __init__(self, source, bad):
+            self.source, self.bad, self.reads = source, bad, 0
+
+        def __len__(self):
+            return len(self.source)
+
+        def info(self, i):
+            return self.source.info(i)
+
+        def frames(self, i, idx):
+            self.reads += 1
+            if i in self.bad:
+                raise BadVideo(f"video {i}: moov atom not found")
+            return self.source.frames(i, idx)
+
+    flaky = Flaky(pipeline.make_source(tiny_config), {1})
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            batch = next(validation.eval_batches(flaky, tiny_config, 4))
+            assert batch["valid"].tolist() == [True, False, True, True]
+            views = next(evaluate.view_batches(flaky, tiny_config, 4, 1, 1))
+            assert views["valid"].tolist() == [True, False, True, True] and views["bad"] == [1]
+    assert caplog.text.count("moov atom not found") == 1
+    other = Flaky(flaky.source, {1})  # another source: its own record
+    with caplog.at_level("WARNING"):
+        next(validation.eval_batches(other, tiny_config, 4))
+    assert caplog.text.count("moov atom not found") == 2
+    errors.warn_once(7, 0, "ints take no weak reference: %s", "warned every time")
+    errors.warn_once(7, 0, "ints take no weak reference: %s", "warned every time")
+    assert caplog.text.count("warned every time") == 2
+
+    calls = []
+
+    def shorter_once(x):
+        calls.append(x)
+        if len(calls) == 1:
+            raise errors.FrameCountChanged("the stream ends after 40 frames")
+        return x * 2
+
+    assert errors.sampled_again_if_shorter(shorter_once, 21) == 42 and calls == [21, 21]
+    with pytest.raises(BadVideo, match="other"):  # any other unreadable video is not retried
+        errors.sampled_again_if_shorter(lambda: (calls.append(0), (_ for _ in ()).throw(BadVideo("other"))))
+    assert calls == [21, 21, 0]
+
+
 def test_a_read_that_never_returns_stops_the_loader(tiny_config):
     import time
 

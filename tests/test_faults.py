@@ -1,6 +1,5 @@
 """Fault injection: kill -9 and resume, SIGTERM, NaN steps, corrupt checkpoints, bad workdirs."""
 
-import json
 import os
 import random
 import shutil

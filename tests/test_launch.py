@@ -177,7 +177,7 @@ def load_module_points(path):
 
 def write_config(tmp_path, sweep_body, name="cfg.py"):
     path = tmp_path / name
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(textwrap.dedent("""
         import ml_collections
         def get_config(arg=""):
             c = ml_collections.ConfigDict()

@@ -22,9 +22,8 @@ import threading
 
 import jax
 import numpy as np
-from absl import logging
 
-from mae_st_jax.data import randaug, sampling
+from mae_st_jax.data import errors, randaug, sampling
 from mae_st_jax.data.errors import BadVideo, DataError
 from mae_st_jax.data import synthetic
 
@@ -72,7 +71,6 @@ class ClipLoader:
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_workers))
         self._order = functools.lru_cache(maxsize=4)(self._make_order)
         self.skipped_total = 0  # clips replaced because their video could not be read
-        self._warned: set[int] = set()  # videos already named in a warning
 
     def _make_order(self, epoch: int) -> np.ndarray:
         key = [self.seed, 4, self.process_index, epoch] if self.host_local else [self.seed, 1, epoch]
@@ -127,9 +125,8 @@ class ClipLoader:
                                            self.target_fps) for r in rngs]
                 frames = self.source.frames(video, np.concatenate(idx))
             except BadVideo as e:
-                if video not in self._warned:
-                    self._warned.add(video)
-                    logging.warning("Skipping unreadable video %d (first at step %d): %s", video, step, e)
+                errors.warn_once(self.source, video, "Skipping unreadable video %d (first at step %d): %s",
+                                 video, step, e)
                 continue
             for r, f, out in zip(rngs, np.split(frames, len(slots)), outs):
                 self._augment(r, f, out)

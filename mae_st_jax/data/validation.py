@@ -3,11 +3,10 @@
 import concurrent.futures
 
 import numpy as np
-from absl import logging
 
 from mae_st_jax import config_lib
-from mae_st_jax.data import sampling
-from mae_st_jax.data.errors import BadVideo, FrameCountChanged
+from mae_st_jax.data import errors, sampling
+from mae_st_jax.data.errors import BadVideo
 from mae_st_jax.data import synthetic
 
 
@@ -65,10 +64,7 @@ def make_eval_source(config, limit: bool = True):
 def eval_clip(source, index: int, config):
     """(uint8 [T, H, W, C], label): mae_st's per-epoch validation clip (train-style random start and
     flip), drawn once per video from a generator seeded by (seed, video) so every evaluation agrees."""
-    try:
-        return _eval_clip(source, index, config)
-    except FrameCountChanged:  # the file is shorter than its header said: sampled again over its real length
-        return _eval_clip(source, index, config)
+    return errors.sampled_again_if_shorter(_eval_clip, source, index, config)
 
 
 def _eval_clip(source, index: int, config):
@@ -104,9 +100,7 @@ def eval_batches(source, config, batch_size: int, *, process_index: int = 0, pro
         try:
             return eval_clip(source, v, config)
         except BadVideo as e:  # counted as not valid (eval_skipped), logged once per video
-            if (id(source), v) not in _WARNED:
-                _WARNED.add((id(source), v))
-                logging.warning("Validation: skipping unreadable video %d: %s", v, e)
+            errors.warn_once(source, v, "Validation: skipping unreadable video %d: %s", v, e)
             return None
 
     with concurrent.futures.ThreadPoolExecutor(max(1, config.data.num_workers)) as pool:
@@ -118,5 +112,3 @@ def eval_batches(source, config, batch_size: int, *, process_index: int = 0, pro
             yield {"video": np.stack([c[0] if c is not None else blank for c in clips]),
                    "label": np.asarray([c[1] if c is not None else 0 for c in clips], np.int32), "valid": valid}
 
-
-_WARNED: set = set()

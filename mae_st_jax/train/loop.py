@@ -33,16 +33,6 @@ class Outcome:
     preempted: bool = False
 
 
-def _preemption_service() -> bool:
-    """True when JAX's preemption service runs (several processes): its own SIGTERM handler tells the
-    coordinator, and mgr.reached_preemption(step) then turns True at the same step on every process."""
-    try:
-        from jax._src import distributed as jax_distributed
-        return jax.process_count() > 1 and jax_distributed.global_state.preemption_sync_manager is not None
-    except (ImportError, AttributeError):
-        return False
-
-
 class StopSignal:
     """Remembers a SIGTERM (preemption notice) so the loop can finish the step and save. With several
     processes JAX's preemption service handles SIGTERM instead (a Python handler would replace its
@@ -53,7 +43,7 @@ class StopSignal:
         self._previous = None
 
     def __enter__(self):
-        if _preemption_service():
+        if distributed.preemption_service_running():
             logging.info("SIGTERM goes to JAX's preemption service: every process stops after the same step")
         elif threading.current_thread() is threading.main_thread():
             if jax.process_count() > 1:
@@ -325,7 +315,7 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     with StopSignal() as stop:  # also over the final save's commit: a SIGTERM there waits for it
         try:
             for step, host_batch in loader.iterate(start, prefetch=config.data.prefetch,
-                                                         timeout_s=config.data.get("read_timeout_s", 0)):
+                                                         timeout_s=config.data.read_timeout_s):
                 if step >= total:
                     break
                 batch = pipeline.to_global(host_batch, batch_shardings)
@@ -456,7 +446,7 @@ class _FiniteWatch:
     lies in, and a run of skipped updates is seen a whole logging interval at a time."""
 
     def __init__(self, config, start: int, skipped: int):
-        self.skip, self.limit = bool(config.skip_nonfinite), int(config.get("skip_nonfinite_limit", 0))
+        self.skip, self.limit = bool(config.skip_nonfinite), int(config.skip_nonfinite_limit)
         self.ok = start  # the newest step whose loss and gradient were seen finite
         self.seen_step, self.seen_skipped, self.in_a_row = start, skipped, 0
 

@@ -88,7 +88,7 @@ def inject_nan(config, state, loss, grads):
     first = config.debug.inject_nan_at_step
     if first < 0:
         return loss, grads
-    count = config.debug.get("inject_nan_count", 1)
+    count = config.debug.inject_nan_count
     hit = (state["step"] >= first) & (state["step"] < first + count)
     poison = jnp.where(hit, jnp.nan, 0.0)
     return loss + poison, jax.tree.map(lambda g: g + poison, grads)
