@@ -244,7 +244,7 @@ def run(config, workdir: str) -> dict:
     path = config.init_from or workdir
     model_fn = lambda rngs: finetune.build_model(config, rngs)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(params=config.seed))), nnx.Param)
-    abstract = abstract.to_pure_dict()
+    abstract = nnx.to_pure_dict(abstract)
     shardings = shd.tree_shardings(abstract, mesh, config.param_sharding, config.sharding_rules,
                                    config.fsdp_min_size)
     params = load_classifier_params(config, path, abstract, shardings)

@@ -35,7 +35,7 @@ def load_encoder(init_from: str, config) -> VideoClassifier:
 
     model = finetune.build_model(config, nnx.Rngs(params=config.seed))
     graphdef, state = nnx.split(model, nnx.Param)
-    fresh = state.to_pure_dict()
+    fresh = nnx.to_pure_dict(state)
     encoder = warm_start.load_encoder_params(init_from, fresh, config.model,
                                              interpolate=config.finetune.interpolate_pos_embed)
     return nnx.merge(graphdef, jax.tree.map(jnp.asarray, dict(fresh, **encoder)))
@@ -64,7 +64,7 @@ def dataset_features(config, init_from: str, split: str = "train", temporal_view
     mesh = shd.make_mesh(config.mesh)
     model = load_encoder(init_from, config)
     graphdef, state = nnx.split(model, nnx.Param)
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     shardings = shd.tree_shardings(params, mesh, config.param_sharding, config.sharding_rules,
                                    config.fsdp_min_size)
     params = jax.tree.map(jax.device_put, params, shardings)

@@ -119,7 +119,7 @@ def test_export_then_import_is_identity():
                   decoder_depth=2, decoder_num_heads=4, pred_t_dim=4)
     abstract = nnx.split(nnx.eval_shape(lambda: MaskedAutoencoder(rngs=nnx.Rngs(0), **kwargs)), nnx.Param)[1]
     rng = np.random.default_rng(3)
-    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), abstract.to_pure_dict())
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), nnx.to_pure_dict(abstract))
     config = {"kind": "pretrain", **kwargs}
     sd = conv.params_to_torch(params, config)
     assert sd["patch_embed.proj.weight"].shape == (64, 3, 2, 16, 16)

@@ -195,7 +195,7 @@ def val_shards(tmp_path_factory):
 
 def _classifier_checkpoint(c, path):
     model = finetune.build_model(c, nnx.Rngs(params=3))
-    params = jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1].to_pure_dict())
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
     params["head"]["kernel"] = np.random.default_rng(0).normal(0, 0.5, params["head"]["kernel"].shape).astype(
         np.float32)  # a head that discriminates, so the views' softmaxes differ
     checkpoint.save_params(str(path), params, dict(kind="classifier", **classifier_kwargs(c)))

@@ -38,7 +38,7 @@ def finetune_config(c, **finetune):
 def abstract_classifier_params(depth=3):
     model = nnx.eval_shape(lambda: VideoClassifier(num_classes=5, embed_dim=16, depth=depth, num_heads=2,
                                                    patch_size=8, img_size=16, num_frames=4, rngs=nnx.Rngs(0)))
-    return nnx.split(model, nnx.Param)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
 
 
 def numpy_smooth(labels, k, eps):
@@ -250,7 +250,7 @@ def test_interpolate_pos_embed_values():
 
 def _save_tiny_mae(path, c):
     model = MaskedAutoencoder(rngs=nnx.Rngs(3), **c.model.to_dict())
-    params = jax.device_get(nnx.split(model, nnx.Param)[1].to_pure_dict())
+    params = jax.device_get(nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
     checkpoint.save_params(str(path), params, c.model.to_dict())
     return params
 
@@ -259,7 +259,7 @@ def test_load_encoder_params_drops_decoder_and_resizes(tiny_config, tmp_path):
     saved = _save_tiny_mae(tmp_path / "mae", tiny_config)
     c = finetune_config(tiny_config)
     c.model.img_size = 48  # a 6 x 6 token grid instead of 4 x 4
-    abstract = nnx.split(nnx.eval_shape(lambda: finetune.build_model(c, nnx.Rngs(0))), nnx.Param)[1].to_pure_dict()
+    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: finetune.build_model(c, nnx.Rngs(0))), nnx.Param)[1])
     enc = warm_start.load_encoder_params(str(tmp_path / "mae"), abstract, c.model)
     assert set(enc) == set(abstract) - {"head"}
     assert not any(k.startswith("decoder_") or k == "mask_token" for k in enc)
@@ -285,14 +285,14 @@ def test_init_from_with_another_head_count_is_refused(tiny_config, tmp_path):
     _save_tiny_mae(tmp_path / "mae", tiny_config)  # 2 heads
     c = finetune_config(tiny_config)
     c.model.num_heads = 4
-    abstract = nnx.split(nnx.eval_shape(lambda: finetune.build_model(c, nnx.Rngs(0))), nnx.Param)[1].to_pure_dict()
+    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: finetune.build_model(c, nnx.Rngs(0))), nnx.Param)[1])
     with pytest.raises(ValueError, match=r"has num_heads=2 \(its model.json\), config.model.num_heads=4: set "
                                          r"--config.model.num_heads=2"):
         warm_start.load_encoder_params(str(tmp_path / "mae"), abstract, c.model)
     c.model.num_heads = 2
     assert "blocks" in warm_start.load_encoder_params(str(tmp_path / "mae"), abstract, c.model)
     model = finetune.build_model(c, nnx.Rngs(0))
-    checkpoint.save_params(str(tmp_path / "clf"), jax.device_get(nnx.split(model, nnx.Param)[1].to_pure_dict()),
+    checkpoint.save_params(str(tmp_path / "clf"), jax.device_get(nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])),
                            dict(kind="classifier", **finetune.classifier_kwargs(c)))
     c.model.num_heads = 4
     from mae_st_jax import evaluate
@@ -309,7 +309,7 @@ def test_evaluate_counts_every_video_once_and_matches_numpy(tiny_config):
     mesh = shd.make_mesh(c.mesh)
     model = finetune.build_model(c, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     source = validation.make_eval_source(c)
     assert len(source) == 12
     assert source.info(0).name == f"synthetic_{c.data.num_videos:06d}"  # after the training videos
@@ -360,7 +360,7 @@ def test_evaluate_counts_every_video_once_and_matches_numpy(tiny_config):
 def _finetune_losses(c, devices, num_steps=2):
     mesh = shd.make_mesh(c.mesh, devices=devices)
     model_fn = lambda r: finetune.build_model(c, r)
-    params = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))), nnx.Param)[1].to_pure_dict()
+    params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))), nnx.Param)[1])
     tx, schedule = optim.make_optimizer(c, 8, 2, lr_scales=optim.layer_decay_scales(params, c.model.depth, 0.75))
     graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, c)
     train_step = finetune_step.make_train_step(graphdef, tx, schedule, mesh, c, state_sh)

@@ -336,7 +336,7 @@ def _abstract(model_config: dict):
 
 def _abstract_params(model_config: dict) -> dict:
     """{path tuple: ShapeDtypeStruct} of the config's parameter tree."""
-    return traverse_util.flatten_dict(_abstract(model_config)[1].to_pure_dict())
+    return traverse_util.flatten_dict(nnx.to_pure_dict(_abstract(model_config)[1]))
 
 
 def _torch_key(path: tuple) -> str:
@@ -412,8 +412,8 @@ def params_to_torch(params, model_config: dict | None = None) -> dict[str, np.nd
 
     With `model_config`, the tree is first checked against the tree that config describes.
     """
-    if hasattr(params, "to_pure_dict"):
-        params = params.to_pure_dict()
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
     flat = traverse_util.flatten_dict(checkpoint.per_layer_blocks(params))
     if model_config is not None:
         abstract = _abstract_params(model_config)
@@ -436,7 +436,7 @@ def complete_params(params: dict, model_config: dict, seed: int = 0) -> dict:
 
     @jax.jit
     def init_missing():  # only the missing leaves are returned, so XLA drops the rest of the init
-        fresh = nnx.split(build_model(model_config, nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
+        fresh = nnx.to_pure_dict(nnx.split(build_model(model_config, nnx.Rngs(seed)), nnx.Param)[1])
         fresh = traverse_util.flatten_dict(fresh)
         return {_dotted(k): fresh[k] for k in missing}
 
@@ -448,7 +448,7 @@ def complete_params(params: dict, model_config: dict, seed: int = 0) -> dict:
 def model_from_params(params: dict, model_config: dict):
     """An NNX model holding `params` (a nested dict in our layout)."""
     graphdef, state = _abstract(model_config)
-    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
 
 

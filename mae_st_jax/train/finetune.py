@@ -60,8 +60,8 @@ def run(config, workdir: str) -> loop.Outcome:
     mesh = shd.make_mesh(config.mesh)
     total = config_lib.total_steps(config)
     model_fn = lambda rngs: build_model(config, rngs)
-    abstract_params = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(params=config.seed))),
-                                nnx.Param)[1].to_pure_dict()
+    abstract_params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(params=config.seed))),
+                                                 nnx.Param)[1])
     lr_scales = None
     if config.finetune.layer_decay < 1.0:
         lr_scales = optim.layer_decay_scales(abstract_params, config.model.depth, config.finetune.layer_decay)
@@ -74,8 +74,8 @@ def run(config, workdir: str) -> loop.Outcome:
         logging.info("Initialising the encoder from %s", config.init_from)
         encoder = warm_start.load_encoder_params(config.init_from, abstract_params, config.model,
                                                  interpolate=config.finetune.interpolate_pos_embed)
-        fresh_head = jax.jit(lambda: nnx.split(model_fn(nnx.Rngs(params=config.seed)),
-                                               nnx.Param)[1].to_pure_dict()["head"])()
+        fresh_head = jax.jit(lambda: nnx.to_pure_dict(nnx.split(model_fn(nnx.Rngs(params=config.seed)),
+                                                                nnx.Param)[1])["head"])()
         return dict(encoder, head=jax.device_get(fresh_head))
 
     eval_source = validation.make_eval_source(config)

@@ -29,7 +29,7 @@ def create_state(model_fn, tx, mesh, config, params=None):
                 "nonfinite_steps": jnp.zeros((), jnp.int32)}
 
     def init():
-        return init_with(nnx.split(model_fn(nnx.Rngs(params=config.seed)), nnx.Param)[1].to_pure_dict())
+        return init_with(nnx.to_pure_dict(nnx.split(model_fn(nnx.Rngs(params=config.seed)), nnx.Param)[1]))
 
     abstract = jax.eval_shape(init)
     shardings = shd.tree_shardings(abstract, mesh, config.param_sharding, config.sharding_rules,
