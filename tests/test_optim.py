@@ -330,7 +330,7 @@ def test_fused_adamw_equals_the_optax_chain(clip):
         p, state = params, tx.init(params)
         for i, size in enumerate((1.0, 0.01, 3.0)):
             g = jax.tree.map(jnp.asarray, toy_grads(i + 1, size))
-            extra = {"grad_norm": optax.global_norm(g)} if with_norm else {}
+            extra = {"grad_norm": optim.global_norm(g)} if with_norm else {}
             u, state = tx.update(g, state, p, **extra)
             p = optax.apply_updates(p, u)
         runs.append(p)

@@ -12,6 +12,11 @@ NO_DECAY_LEAVES = ("bias", "scale")  # biases and LayerNorm parameters (the refe
 TOKEN_LEAVES = ("cls_token", "mask_token", "decoder_cls_token")
 
 
+def global_norm(tree) -> jax.Array:
+    """The L2 norm over every leaf: optax.tree.norm (optax.global_norm, deprecated since, before it existed)."""
+    return optax.tree.norm(tree) if hasattr(optax, "tree") else optax.global_norm(tree)
+
+
 def effective_batch(config) -> int:
     """Clips per step as the reference counts them for lr scaling (pre-training ignores repeat_aug)."""
     if config.optim.lr_counts_repeat_aug:
@@ -103,7 +108,7 @@ def adamw(schedule, *, b1: float, b2: float, eps: float, weight_decay: float, cl
         count = jnp.where(state.count < jnp.iinfo(jnp.int32).max, state.count + 1, state.count)  # saturates
         factor = None
         if clip_grad > 0:  # torch.nn.utils.clip_grad_norm_: g * min(1, clip / (norm + 1e-6))
-            norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+            norm = global_norm(updates) if grad_norm is None else grad_norm
             factor = jnp.minimum(1.0, clip_grad / (norm.astype(jnp.float32) + 1e-6)).astype(jnp.float32)
         c1 = 1 - jnp.asarray(b1, jnp.float32) ** count
         c2 = 1 - jnp.asarray(b2, jnp.float32) ** count

@@ -6,7 +6,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mae_st_jax.train import checkpoint
+from mae_st_jax.train import checkpoint, optim
 from mae_st_jax.train import sharding as shd
 
 
@@ -97,7 +97,7 @@ def inject_nan(config, state, loss, grads):
 def apply_gradients(state, loss, grads, tx, schedule, skip_nonfinite: bool):
     """(new state, metrics) after one AdamW update; a non-finite loss or gradient leaves the state
     unchanged (and is counted) when `skip_nonfinite`, else the loop stops on `finite`."""
-    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+    grad_norm = optim.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if isinstance(tx, optax.GradientTransformationExtraArgs):  # ours (optim.adamw): reuse the norm
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm,
