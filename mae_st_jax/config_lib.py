@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.skip_nonfinite = False  # True: skip (and count) updates with a NaN/Inf loss or gradient
     c.skip_nonfinite_limit = 200  # ... but stop when this many updates in a row were skipped (0: never)
-    c.data.max_skip_fraction = 0.1  # stop when more clips than this came from unreadable videos
+    c.data.max_skip_fraction = 0.1  # stop when more clips than this came from unreadable videos (beyond chance)
     c.data.read_timeout_s = 900  # stop when no batch comes for this long (a read that hangs); 0: wait for ever
     c.debug = ml_collections.ConfigDict(dict(inject_nan_at_step=-1, inject_nan_count=1))  # fault injection for tests
 

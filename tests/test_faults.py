@@ -432,8 +432,9 @@ def test_failing_checkpoint_write_stops_and_keeps_the_last_good_one(tiny_config,
     assert not [p for p in os.listdir(tmp_path / "checkpoints") if "orbax-checkpoint-tmp" in p]
 
 
-def _shards_with_bad_jpegs(directory, num_videos=20, bad_every=10, num_shards=2):
-    """TFRecord shards of synthetic videos; every `bad_every`-th video has corrupt JPEG bytes."""
+def _shards_with_bad_jpegs(directory, num_videos=20, bad_every=10, num_shards=2, bad=None):
+    """TFRecord shards of synthetic videos (video i in shard i % num_shards); every `bad_every`-th video
+    (or each i with bad(i)) has corrupt JPEG bytes."""
     import tensorflow as tf
 
     from mae_st_jax.data import records
@@ -443,7 +444,7 @@ def _shards_with_bad_jpegs(directory, num_videos=20, bad_every=10, num_shards=2)
                for k in range(num_shards)]
     for i in range(num_videos):
         jpegs = [records.encode_jpeg(f) for f in src.frames(i, np.arange(16))]
-        if i % bad_every == bad_every - 1:
+        if (bad(i) if bad else i % bad_every == bad_every - 1):
             jpegs = [b"\xff\xd8 not a jpeg" for _ in jpegs]
         writers[i % num_shards].write(records.encode_video(
             jpegs, fps=30.0, label=src.info(i).label, label_name="", path=f"v{i}", name=f"v{i}",
@@ -471,6 +472,49 @@ def test_too_many_corrupt_records_stop_the_run(tiny_config, tmp_path):
     tiny_config.total_steps = 6
     with pytest.raises(RuntimeError, match="max_skip_fraction=0.1"):
         pretrain.train(tiny_config, str(tmp_path / "run"))
+
+
+def test_one_bad_video_in_the_first_step_does_not_stop_the_run(tiny_config, tmp_path):
+    """1 unreadable video in 20 (5%, under max_skip_fraction 0.1), drawn in step 1: 2 of its first 8
+    clips were skipped, 25%, and the run stopped there. Now it trains on and counts the skip."""
+    from mae_st_jax.data import pipeline
+
+    tiny_config.data.update(source="tfrecord", path=_shards_with_bad_jpegs(tmp_path, bad_every=20), num_videos=20)
+    assert tiny_config.data.max_skip_fraction == 0.1
+    for seed in range(100):  # a seed whose step 1 draws the bad video
+        tiny_config.seed = seed
+        if pipeline.ClipLoader(pipeline.make_source(tiny_config), tiny_config).batch(0)["skipped"] > 0:
+            break
+    else:
+        raise AssertionError("no seed draws the bad video in step 1")
+    pretrain.train(tiny_config, str(tmp_path / "run"))
+    logged = read_metrics(str(tmp_path / "run"))
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert logged[0]["data_skipped"] == tiny_config.data.repeat_aug == 2  # both clips of the bad video
+
+
+@pytest.mark.parametrize("fraction, skipped, seen, stops", [
+    (0.1, 2, 8, False),      # 1 of 4 videos: 25%, but chance explains it (mean 0.4, sd 0.6)
+    (0.1, 4, 8, False),      # 2 of 4 videos: 2 < 0.4 + 3 x 0.6 = 2.2
+    (0.1, 6, 8, True),       # 3 of 4 videos
+    (0.1, 40, 400, False),   # 10%: at the threshold
+    (0.1, 60, 400, False),   # 15% of 200 videos: 30 vs 20 + 3 x 4.24 = 32.7
+    (0.1, 70, 400, True),    # 17.5%: 35 > 32.7
+    (0.0, 2, 10**6, True),   # no tolerance: any skip stops
+    (1.0, 10**6, 10**6, False),  # all skipped, but any fraction allowed
+    (0.1, 0, 0, False),
+])
+def test_skip_limit_is_the_fraction_plus_three_standard_deviations(tiny_config, fraction, skipped, seen, stops):
+    from mae_st_jax.data.errors import DataError
+    from mae_st_jax.train import loop
+
+    tiny_config.data.max_skip_fraction = fraction
+    tiny_config.data.repeat_aug = 2
+    if stops:
+        with pytest.raises(DataError, match=f"{skipped} of {seen} clips came from unreadable videos"):
+            loop.check_skips(tiny_config, skipped, seen)
+    else:
+        loop.check_skips(tiny_config, skipped, seen)
 
 
 def test_resuming_a_workdir_of_another_model_size_exits_with_one_line(tmp_path):

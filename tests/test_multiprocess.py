@@ -309,6 +309,25 @@ def test_a_start_up_error_on_one_process_stops_every_process_in_one_line(tmp_pat
     message = f"config.data.path='{tmp_path / 'shards'}/*.tfrecord': the shards of process 1 hold no record"
     assert last == [f"error: process 1: {message}", f"error: {message}"]
 
+def test_unreadable_videos_on_one_process_stop_every_process_at_the_same_step(tmp_path):
+    """Half of process 1's videos are unreadable, none of process 0's: the skip limit is judged on the
+    counts of all processes, so both stop at the same logged step with the same line (process 1 used to
+    stop alone and leave process 0 waiting in the next step's collective)."""
+    from test_faults import _shards_with_bad_jpegs
+
+    path = _shards_with_bad_jpegs(tmp_path, num_videos=32, bad=lambda i: i % 2 == 1 and (i // 2) % 2 == 1)
+    codes, last = _main_processes(tmp_path, [f"--workdir={tmp_path / 'w'}", "--config.data.source=tfrecord",
+                                             f"--config.data.path={path}", "--config.data.num_videos=32",
+                                             "--config.total_steps=60", "--config.schedule_steps=60",
+                                             "--config.checkpoint_every_steps=100"])
+    assert codes == [1, 1], last
+    assert last[0] == last[1] and re.fullmatch(
+        r"error: \d+ of \d+ clips came from unreadable videos, more than config.data.max_skip_fraction=0.1 .*",
+        last[0]), last
+    skipped, seen = map(int, re.findall(r"\d+", last[0])[:2])
+    assert 0.15 < skipped / seen < 0.4  # a quarter of all clips (half of process 1's), summed over both
+
+
 def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
     import jax
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -308,7 +309,7 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
             profile_duration_ms=None, every_secs=None))
 
     last, t_last, step_last = {}, time.time(), start
-    clips_seen, data_skipped = 0, 0  # this process, this run
+    clips_seen, data_skipped = 0, 0  # this process, this run (summed over the processes when logged)
     watch = _FiniteWatch(config, start, int(jax.device_get(state.get("nonfinite_steps", 0))))
     preempted, compiled = False, False
     logging.info("%s steps %d..%d, %d clips per step", name, start + 1, total, config.batch_size)
@@ -328,17 +329,16 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
                 done = step + 1
                 clips_seen += host_batch["video"].shape[0] * host_batch["video"].shape[1]
                 data_skipped += int(host_batch.get("skipped", 0))
-                if data_skipped > config.data.max_skip_fraction * clips_seen and data_skipped > 0:
-                    raise DataError(f"{data_skipped} of {clips_seen} clips came from unreadable videos, more than "
-                                    f"config.data.max_skip_fraction={config.data.max_skip_fraction}: check the data")
                 for h in hooks:
                     h(done)
                 if done % config.log_every_steps == 0 or done == total or done == start + 1:
                     m = jax.device_get(metrics)
                     watch.check(m, done)
+                    skipped_all, seen_all = _all_processes(f"skips at step {done}", data_skipped, clips_seen)
+                    check_skips(config, skipped_all, seen_all)  # every process, the same counts: all stop or none
                     now = time.time()
                     m["clips_per_sec"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
-                    m["data_skipped"] = data_skipped
+                    m["data_skipped"] = skipped_all
                     t_last, step_last = now, done
                     log.write(done, m)
                     last.update(m)
@@ -437,6 +437,28 @@ def log_memory_analysis(compiled, name: str = "Train step") -> dict | None:
     logging.info("%s memory per device: %s; total %s (outputs aliased with donated arguments counted once)",
                  name, ", ".join(f"{k} {_size(v)}" for k, v in sizes.items()), _size(peak))
     return sizes
+
+
+def _all_processes(name: str, *counts: int) -> tuple[int, ...]:
+    """The sums over every process of these per-process counts (the counts themselves for one process)."""
+    if jax.process_count() == 1:
+        return counts
+    rows = [[int(x) for x in v.split(",")] for v in distributed.gather(name, ",".join(map(str, counts)))]
+    return tuple(sum(column) for column in zip(*rows))
+
+
+def check_skips(config, skipped: int, seen: int) -> None:
+    """DataError when more of the clips came from unreadable videos than config.data.max_skip_fraction
+    allows, beyond chance: counted in videos (the repeat_aug clips of one video are skipped together),
+    `skipped` must exceed max_skip_fraction of them by 3 binomial standard deviations, so that one bad
+    video among a run's first few does not stop it (it did, at 1 skip in the first 8 clips); with
+    max_skip_fraction 0 any skip stops the run, with 1 none does."""
+    fraction, per_video = config.data.max_skip_fraction, max(1, config.data.repeat_aug)
+    videos, bad = seen / per_video, skipped / per_video
+    if skipped > 0 and bad > fraction * videos + 3 * math.sqrt(fraction * (1 - fraction) * videos):
+        raise DataError(f"{skipped} of {seen} clips came from unreadable videos, more than "
+                        f"config.data.max_skip_fraction={fraction} allows (by over 3 standard deviations): "
+                        f"check the data (the warnings above name the videos)")
 
 
 class _FiniteWatch:
