@@ -21,7 +21,16 @@ def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=cleanup_tmp)
-    return ocp.CheckpointManager(absolute(workdir) / "checkpoints", options=options)
+    mgr = ocp.CheckpointManager(absolute(workdir) / "checkpoints", options=options)
+    if cleanup_tmp:
+        # Orbax deletes them from a thread that close() does not wait for (only the next save does): a
+        # second manager on the workdir (the resume path makes three) deleted the same folders at the same
+        # time (FileNotFoundError tracebacks in the log), and an exit soon after (a start-up error) printed
+        # one from interpreter shutdown. Done before this returns instead.
+        wait = getattr(mgr, "_maybe_await_cleanup_tmp_directory", None)  # private: absent in some versions
+        if wait is not None:
+            wait()
+    return mgr
 
 
 def absolute(path: str) -> epath.Path:
