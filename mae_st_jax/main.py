@@ -2,6 +2,7 @@
 
 import logging as pylogging
 import hashlib
+import os
 import sys
 
 if __name__ == "__main__":  # before JAX starts; on CPU-only hosts this may re-execute the command once
@@ -30,8 +31,35 @@ class _QuietLibraries(pylogging.Filter):
             name in record.pathname for name in ("/orbax/", "/clu/parameter_overview"))
 
 
+def _exit(message: str) -> None:
+    """sys.exit(message); in a multi-process run the process ends at once instead (os._exit, after the
+    message and the logs are out). A Python exit waits for the data loader's threads and in
+    jax.distributed's shutdown barrier for the other processes, which may be waiting in a collective
+    for this one: when one process failed alone the job hung until that barrier timed out (5 minutes),
+    and then until the others missed its heartbeats. Ended at once, its peers are stopped by JAX's
+    missed-heartbeat check (about 100 s) instead."""
+    if jax.process_count() == 1:
+        sys.exit(message)
+    print(message, file=sys.stderr, flush=True)
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def main(argv):
     del argv
+    try:
+        _main()
+    except SystemExit:
+        raise
+    except BaseException as e:  # not one of ours: the traceback, then (several processes) end at once
+        if jax.process_count() == 1:
+            raise
+        logging.exception("process %d failed", jax.process_index())
+        _exit(f"error: {type(e).__name__}: {' '.join(str(e).split())[:2000]}")
+
+
+def _main():
     try:  # before anything touches devices
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
@@ -45,12 +73,12 @@ def main(argv):
     digests = distributed.gather("config", digest)
     if len(set(digests)) > 1:
         differ = [i for i, d in enumerate(digests) if d != digests[0]]
-        sys.exit(f"flag error: process {differ[0]} was given another config or workdir than process 0 (processes "
+        _exit(f"flag error: process {differ[0]} was given another config or workdir than process 0 (processes "
                  f"{differ} differ): every process must run the same command")
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
     except config_lib.ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _exit(f"config error: {e}")
     from mae_st_jax.train import loop
     try:
         if config.mode == "pretrain":
@@ -60,15 +88,15 @@ def main(argv):
             from mae_st_jax.train import finetune
             finetune.train(config, FLAGS.workdir)
     except loop.RestoreError as e:
-        sys.exit(f"resume: {e}")
+        _exit(f"resume: {e}")
     except loop.USER_ERRORS as e:  # one line: what went wrong and what to do (the log above has the details)
-        sys.exit(f"error: {e}")
+        _exit(f"error: {e}")
     if config.mode == "evaluate":
         from mae_st_jax import evaluate
         try:
             evaluate.run(config, FLAGS.workdir)
         except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"evaluate: {e}")
+            _exit(f"evaluate: {e}")
 
 
 if __name__ == "__main__":

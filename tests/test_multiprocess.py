@@ -328,6 +328,41 @@ def test_unreadable_videos_on_one_process_stop_every_process_at_the_same_step(tm
     assert 0.15 < skipped / seen < 0.4  # a quarter of all clips (half of process 1's), summed over both
 
 
+def test_a_process_that_fails_alone_ends_at_once_and_the_job_ends(tmp_path):
+    """Every video of process 1 is unreadable, so its loader stops it before step 1 while process 0 waits
+    for it. Process 1 exits 1 with its one line at once (a Python exit waited 300 s in JAX's shutdown
+    barrier), and process 0 is stopped by JAX's missed-heartbeat check (100 s) instead of waiting."""
+    from test_faults import _shards_with_bad_jpegs
+
+    path = _shards_with_bad_jpegs(tmp_path, num_videos=64, bad=lambda i: i % 2 == 1)
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "mae_st_jax.main", "--config=configs/demo.py", *_flags(TINY),
+                               f"--workdir={tmp_path / 'w'}", "--config.data.source=tfrecord",
+                               f"--config.data.path={path}", "--config.total_steps=60",
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.time() + TIMEOUT
+        while "error: " not in (tmp_path / "p1.log").read_text(errors="replace") and time.time() < deadline:
+            assert procs[1].poll() is None, _tail(tmp_path / "p1.log")
+            time.sleep(0.5)
+        said = time.time()
+        assert procs[1].wait(timeout=60) == 1  # at once, not after the 300 s shutdown barrier
+        ended = time.time()
+        assert procs[0].wait(timeout=240) != 0  # the job ends: process 0 does not wait for ever
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in logs:
+            f.close()
+    out = (tmp_path / "p1.log").read_text(errors="replace")
+    assert out.strip().splitlines()[-1].startswith("error: step 0: 16 videos in a row could not be read")
+    assert "Shutdown barrier" not in out and ended - said < 60
+
+
 def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
     import jax
 
