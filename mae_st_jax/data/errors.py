@@ -47,3 +47,6 @@ def warn_once(source, video: int, message: str, *args) -> None:
             return
         seen.add(video)
     logging.warning(message, *args)
+
+
+logging.ABSLLogger.register_frame_to_skip(__file__, "warn_once")  # the log line names the caller's file
