@@ -183,7 +183,7 @@ def test_pytorch_import_directory_gives_the_same_pictures(ckpt, video, tmp_path)
     from mae_st_jax.convert import from_torch
 
     pth = str(tmp_path / "mae.pth")
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in from_torch.params_to_torch(_params()).items()}}, pth)
+    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in from_torch.params_to_torch(_params()).items()}}, pth)
     imported = str(tmp_path / "imported")
     config = from_torch.convert(pth, imported, overrides=dict(num_heads=2, decoder_num_heads=2))
     assert config["kind"] == "pretrain" and config["pred_t_dim"] == MODEL["pred_t_dim"]
