@@ -161,12 +161,22 @@ def gather(name: str, value: str, timeout_s: int = 3600) -> list[str]:
     service's key-value store (no device collective: it works before anything compiled)."""
     if jax.process_count() == 1:
         return [value]
+    global _last_gathered
     client = _jax_global_state().client
     key = f"mae_st_jax/{name.replace(' ', '_')}/{next(_barrier_ids)}"
     client.key_value_set(f"{key}/{jax.process_index()}", value)
     client.wait_at_barrier(key.replace("/", "_"), timeout_in_ms=timeout_s * 1000)
+    if _last_gathered is not None:  # past this barrier every process has read the previous gather's values
+        try:
+            client.key_value_delete(_last_gathered)  # the store would grow by one entry per process per call
+        except Exception:
+            pass
     values = dict(client.key_value_dir_get(f"{key}/"))
+    _last_gathered = f"{key}/{jax.process_index()}"
     return [values[f"{key}/{i}"] for i in range(jax.process_count())]
+
+
+_last_gathered: str | None = None  # this process's key of its previous gather
 
 
 def first_error(name: str, error: BaseException | None) -> str | None:

@@ -363,6 +363,38 @@ def test_a_process_that_fails_alone_ends_at_once_and_the_job_ends(tmp_path):
     assert "Shutdown barrier" not in out and ended - said < 60
 
 
+_GATHER = """
+import sys, jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from mae_st_jax import distributed
+from jax._src import distributed as jax_distributed
+got = [distributed.gather("skips at step 1", f"{jax.process_index()},{10 * k}") for k in range(4)]
+left = sorted(k for k, _ in jax_distributed.global_state.client.key_value_dir_get("mae_st_jax/"))
+print("GOT", got, "LEFT", left, flush=True)
+"""
+
+
+def test_gather_gives_every_process_the_same_values_and_keeps_the_store_small(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER, f"127.0.0.1:{port}", str(i)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        _kill({"procs": procs})
+    results = []
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        got, left = re.search(r"GOT (.*) LEFT (.*)", out).groups()
+        results.append((eval(got), eval(left)))
+    for got, left in results:
+        assert got == [[f"0,{10 * k}", f"1,{10 * k}"] for k in range(4)]
+        # each gather deletes this process's key of the one before: the first two calls left nothing
+        assert left and all(int(k.split("/")[2]) >= 2 for k in left), left
+    assert results[0][0] == results[1][0]
+
+
 def test_restore_onto_fewer_devices_and_another_mesh(tmp_path):
     import jax
 
