@@ -179,6 +179,19 @@ def gather(name: str, value: str, timeout_s: int = 3600) -> list[str]:
 _last_gathered: str | None = None  # this process's key of its previous gather
 
 
+def exit_barrier(timeout_s: float) -> bool:
+    """Wait (at most timeout_s) until every process is about to exit; True when all came. Used once,
+    by a process that is ending on an error: those that stop together leave together, one that
+    failed alone stops waiting."""
+    if jax.process_count() == 1:
+        return True
+    try:
+        _jax_global_state().client.wait_at_barrier("mae_st_jax_exit", timeout_in_ms=int(timeout_s * 1000))
+        return True
+    except Exception:
+        return False
+
+
 def first_error(name: str, error: BaseException | None) -> str | None:
     """Every process learns whether one failed at the same point: None when none did, else the first
     failing process's message (prefixed `process K: ` on the others). A process that stops on its own

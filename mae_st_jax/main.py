@@ -4,6 +4,7 @@ import logging as pylogging
 import hashlib
 import os
 import sys
+import time
 
 if __name__ == "__main__":  # before JAX starts; on CPU-only hosts this may re-execute the command once
     from mae_st_jax import host_malloc
@@ -31,19 +32,31 @@ class _QuietLibraries(pylogging.Filter):
             name in record.pathname for name in ("/orbax/", "/clu/parameter_overview"))
 
 
+_processes = 1  # jax.process_count(), once jax.distributed is up
+
+
 def _exit(message: str) -> None:
     """sys.exit(message); in a multi-process run the process ends at once instead (os._exit, after the
     message and the logs are out). A Python exit waits for the data loader's threads and in
-    jax.distributed's shutdown barrier for the other processes, which may be waiting in a collective
-    for this one: when one process failed alone the job hung until that barrier timed out (5 minutes),
-    and then until the others missed its heartbeats. Ended at once, its peers are stopped by JAX's
-    missed-heartbeat check (about 100 s) instead."""
-    if jax.process_count() == 1:
+    jax.distributed's shutdown barrier for the other processes, which may be waiting in a step for
+    this one: when one process failed alone the job hung until that barrier timed out (300 s). Now
+    the processes that stop together (an error they all see) meet at an exit barrier and process 0,
+    whose exit takes the coordination service down (and aborts whoever is still connected), leaves
+    last; a process that failed alone waits there at most _EXIT_WAIT_S, and the others are then
+    ended by JAX when they miss its heartbeats (~100 s), or at once when it was process 0."""
+    if _processes == 1:
         sys.exit(message)
+    together = distributed.exit_barrier(_EXIT_WAIT_S)
+    logging.set_verbosity(logging.ERROR)  # the loader's threads may still be reading: the line stays last
     print(message, file=sys.stderr, flush=True)
     logging.flush()
     sys.stdout.flush()
+    if together and jax.process_index() == 0:
+        time.sleep(2)  # the others leave first
     os._exit(1)
+
+
+_EXIT_WAIT_S = 20
 
 
 def main(argv):
@@ -53,7 +66,7 @@ def main(argv):
     except SystemExit:
         raise
     except BaseException as e:  # not one of ours: the traceback, then (several processes) end at once
-        if jax.process_count() == 1:
+        if _processes == 1:
             raise
         logging.exception("process %d failed", jax.process_index())
         _exit(f"error: {type(e).__name__}: {' '.join(str(e).split())[:2000]}")
@@ -64,6 +77,8 @@ def _main():
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
         sys.exit(f"flag error: {e}")
+    global _processes
+    _processes = jax.process_count()
     for handler in pylogging.getLogger().handlers + [logging.get_absl_handler()]:
         handler.addFilter(_QuietLibraries())
     config = FLAGS.config

@@ -335,13 +335,13 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
                     m = jax.device_get(metrics)
                     watch.check(m, done)
                     skipped_all, seen_all = _all_processes(f"skips at step {done}", data_skipped, clips_seen)
-                    check_skips(config, skipped_all, seen_all)  # every process, the same counts: all stop or none
                     now = time.time()
                     m["clips_per_sec"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
                     m["data_skipped"] = skipped_all
                     t_last, step_last = now, done
                     log.write(done, m)
                     last.update(m)
+                    check_skips(config, skipped_all, seen_all)  # every process, the same counts: all stop or none
                 if after_step is not None:
                     t_extra = time.time()
                     extra = after_step(done, state)
