@@ -179,10 +179,17 @@ def gather(name: str, value: str, timeout_s: int = 3600) -> list[str]:
 _last_gathered: str | None = None  # this process's key of its previous gather
 
 
+def sum_over_processes(name: str, *counts: int) -> tuple[int, ...]:
+    """The sums over every process of these per-process integer counts (the counts for one process)."""
+    rows = [[int(x) for x in v.split(",")] for v in gather(name, ",".join(str(int(c)) for c in counts))]
+    return tuple(sum(column) for column in zip(*rows))
+
+
 def exit_barrier(timeout_s: float) -> bool:
     """Wait (at most timeout_s) until every process is about to exit; True when all came. Used once,
     by a process that is ending on an error: those that stop together leave together, one that
-    failed alone stops waiting."""
+    failed alone stops waiting. The barrier's name is fixed, not numbered like `barrier`'s: processes
+    that fail at different points have passed different numbers of barriers and must still meet."""
     if jax.process_count() == 1:
         return True
     try:

@@ -370,11 +370,12 @@ from mae_st_jax import distributed
 from jax._src import distributed as jax_distributed
 got = [distributed.gather("skips at step 1", f"{jax.process_index()},{10 * k}") for k in range(4)]
 left = sorted(k for k, _ in jax_distributed.global_state.client.key_value_dir_get("mae_st_jax/"))
-print("GOT", got, "LEFT", left, flush=True)
+total = distributed.sum_over_processes("counts", jax.process_index() + 1, 5)
+print("GOT", got, "LEFT", left, "SUM", total, flush=True)
 """
 
 
-def test_gather_gives_every_process_the_same_values_and_keeps_the_store_small(tmp_path):
+def test_gather_and_sum_give_every_process_the_same_values_and_keep_the_store_small(tmp_path):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-c", _GATHER, f"127.0.0.1:{port}", str(i)], cwd=ROOT, env=env,
@@ -386,7 +387,8 @@ def test_gather_gives_every_process_the_same_values_and_keeps_the_store_small(tm
     results = []
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
-        got, left = re.search(r"GOT (.*) LEFT (.*)", out).groups()
+        got, left, total = re.search(r"GOT (.*) LEFT (.*) SUM (.*)", out).groups()
+        assert eval(total) == (1 + 2, 5 + 5)  # summed over both processes, the same on each
         results.append((eval(got), eval(left)))
     for got, left in results:
         assert got == [[f"0,{10 * k}", f"1,{10 * k}"] for k in range(4)]

@@ -334,7 +334,8 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
                 if done % config.log_every_steps == 0 or done == total or done == start + 1:
                     m = jax.device_get(metrics)
                     watch.check(m, done)
-                    skipped_all, seen_all = _all_processes(f"skips at step {done}", data_skipped, clips_seen)
+                    skipped_all, seen_all = distributed.sum_over_processes(f"skips at step {done}", data_skipped,
+                                                                           clips_seen)
                     now = time.time()
                     m["clips_per_sec"] = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
                     m["data_skipped"] = skipped_all
@@ -437,14 +438,6 @@ def log_memory_analysis(compiled, name: str = "Train step") -> dict | None:
     logging.info("%s memory per device: %s; total %s (outputs aliased with donated arguments counted once)",
                  name, ", ".join(f"{k} {_size(v)}" for k, v in sizes.items()), _size(peak))
     return sizes
-
-
-def _all_processes(name: str, *counts: int) -> tuple[int, ...]:
-    """The sums over every process of these per-process counts (the counts themselves for one process)."""
-    if jax.process_count() == 1:
-        return counts
-    rows = [[int(x) for x in v.split(",")] for v in distributed.gather(name, ",".join(map(str, counts)))]
-    return tuple(sum(column) for column in zip(*rows))
 
 
 def check_skips(config, skipped: int, seen: int) -> None:
