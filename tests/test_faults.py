@@ -153,10 +153,13 @@ def test_skipped_updates_below_the_limit_or_with_finite_ones_between_do_not_stop
     assert int(outcome.state["nonfinite_steps"]) == 5 and int(outcome.state["step"]) == 12
 
 
-def _corrupt(step_dir):
-    """Truncate every data file of a committed checkpoint to a few bytes."""
+def _corrupt(step_dir, data_only=False):
+    """Truncate every data file of a committed checkpoint to a few bytes (data_only: only the arrays' chunk
+    files, the metadata stays readable)."""
     hit = 0
     for root, _, files in os.walk(step_dir):
+        if data_only and os.path.basename(root) != "d":
+            continue
         for name in files:
             path = os.path.join(root, name)
             if os.path.getsize(path) > 64:
@@ -166,18 +169,20 @@ def _corrupt(step_dir):
     assert hit > 0
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, caplog):
+@pytest.mark.parametrize("data_only", [False, True])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, caplog, data_only):
     tiny_config.total_steps = 6
     pretrain.train(tiny_config, str(tmp_path / "straight"))
     expected = _losses(tmp_path / "straight")
     work = tmp_path / "work"
     tiny_config.total_steps = 4
     pretrain.train(tiny_config, str(work))  # checkpoints 2 and 4
-    _corrupt(work / "checkpoints" / "4")
+    _corrupt(work / "checkpoints" / "4", data_only)
     tiny_config.total_steps = 6
     with caplog.at_level("INFO"):
         pretrain.train(tiny_config, str(work))  # warns about 4, resumes from 2
     assert "Checkpoint step 4" in caplog.text and "cannot be restored" in caplog.text
+    assert "does not fit" not in caplog.text  # a damaged checkpoint, not one of another model or config
     assert "Resuming from checkpoint step 2" in caplog.text
     got = _losses(work)
     assert [got[s] for s in (3, 4, 5, 6)] == [expected[s] for s in (3, 4, 5, 6)]

@@ -240,6 +240,26 @@ def test_two_processes_train_as_one_read_disjoint_clips_and_share_checkpoints(tm
     _assert_same_state(alone["state"], resumed[0]["state"])
 
 
+def test_a_checkpoint_one_process_cannot_read_is_passed_over_by_every_process(tmp_path):
+    """Params split over both processes: each reads its own shards, so damaged shard files of process 1 fail
+    only there. Both fall back to the step before together and redo the same steps (process 0 used to resume
+    from the damaged step while process 1 fell back alone: 'sync_global_devices name mismatch' on one, a lost
+    gloo connection on the other)."""
+    first = _launch(tmp_path, "first", tmp_path / "w", processes=2, devices=2, overrides={**FSDP4, "total_steps": 4})
+    chunks = list((tmp_path / "w" / "checkpoints" / "4" / "default" / "ocdbt.process_1" / "d").iterdir())
+    assert chunks
+    for f in chunks:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    again = _launch(tmp_path, "again", tmp_path / "w", processes=2, devices=2, overrides={**FSDP4, "total_steps": 4})
+    assert re.search(r"Checkpoint step 4 in \S+ cannot be restored \(process 1: ", again[0]["log"])
+    assert re.search(r"Checkpoint step 4 in \S+ cannot be restored \(\w+: ", again[1]["log"])  # its own read
+    for r in again:
+        assert "Resuming from checkpoint step 2" in r["log"] and sorted(r["logged"]) == ["3", "4"]
+        np.testing.assert_allclose(_losses(r, [3, 4]), _losses(first[0], [3, 4]), rtol=1e-6)
+    assert os.listdir(tmp_path / "w" / "checkpoints_unreadable") == ["4"]  # set aside by process 0, kept
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2", "4"]  # step 4 saved again
+
+
 def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     """A preemption notice that reaches one process (or reaches them in different steps): JAX's preemption
     service, not a per-process flag, decides the step, so both save it together and exit 0 (a per-process
@@ -266,16 +286,19 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == [str(step)]
     assert all(max(map(int, r["logged"])) == step for r in results)
 
-def _main_processes(tmp_path, flags: list[str], per_process: dict | None = None, processes: int = 2):
-    """Run `python -m mae_st_jax.main` in `processes` processes (1 fake device each); (return codes, last
-    output lines)."""
+def _main_processes(tmp_path, flags: list[str], per_process: dict | None = None, processes: int = 2,
+                    cwds: dict | None = None):
+    """Run `python -m mae_st_jax.main` in `processes` processes (1 fake device each; in cwds[i], else the
+    repository); (return codes, last output lines)."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-m", "mae_st_jax.main", "--config=configs/demo.py",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    procs = [subprocess.Popen([sys.executable, "-m", "mae_st_jax.main", f"--config={ROOT}/configs/demo.py",
                                *_flags(TINY), *flags, *(per_process or {}).get(i, []),
                                f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-                               f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+                               f"--process_id={i}"], cwd=(cwds or {}).get(i, ROOT), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(processes)]
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
@@ -292,6 +315,37 @@ def test_processes_given_different_configs_stop_at_once(tmp_path):
     for line in last:
         assert line == ("flag error: process 1 was given another config or workdir than process 0 (processes [1] "
                         "differ): every process must run the same command")
+
+
+def test_a_workdir_the_processes_do_not_share_stops_them_at_start(tmp_path):
+    """The same --workdir that names a folder of its own on each host (here: a relative path, another current
+    folder per process): both stop at start with one line (the checkpoints' shards would be split across
+    hosts, found out at the first save or resume); nothing is left in either folder but the empty layout."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    codes, last = _main_processes(tmp_path, ["--workdir=w"], cwds={0: tmp_path / "a", 1: tmp_path / "b"})
+    assert codes == [1, 1], last
+    want = (r"workdir w is not one folder that every process shares: this process finds nothing where process 0 "
+            r"wrote w/\.shared_check; every process needs the same workdir, on storage they all mount .*")
+    assert re.fullmatch(f"error: {want}", last[1]) and re.fullmatch(f"error: process 1: {want}", last[0]), last
+    assert not (tmp_path / "a" / "w" / ".shared_check").exists()  # removed by process 0
+    assert not os.listdir(tmp_path / "a" / "w" / "checkpoints") and not os.listdir(tmp_path / "b" / "w" / "checkpoints")
+
+
+def test_an_init_from_only_one_process_finds_stops_every_process_in_one_line(tmp_path):
+    """config.init_from (relative) names a pre-training workdir in process 0's current folder only: both stop
+    with one line before anything trains (they took different branches of load_params, and the one that
+    found nothing left the other waiting in the restore's sync)."""
+    _launch(tmp_path, "src", tmp_path / "a" / "src", processes=1, devices=1, overrides={"total_steps": 1})
+    (tmp_path / "b").mkdir()
+    codes, last = _main_processes(tmp_path, [f"--workdir={tmp_path / 'w'}", "--config.init_from=src"],
+                                  cwds={0: tmp_path / "a", 1: tmp_path / "b"})
+    assert codes == [1, 1], last
+    want = (r"error: config.init_from=src: (process 0: )?init_from=src: the processes find different things "
+            r"there \(process 0: model.json,checkpoints; process 1: nothing\): it must be on storage every "
+            r"process reads")
+    assert all(re.fullmatch(want, line) for line in last), last
+    assert not os.listdir(tmp_path / "w" / "checkpoints")
 
 
 def test_a_start_up_error_on_one_process_stops_every_process_in_one_line(tmp_path):

@@ -179,3 +179,39 @@ def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "workdirs" / "rel" / "checkpoints")) == ["2"]
     params, _ = checkpoint.load_params("workdirs/rel")
     assert jax.tree.leaves(params)
+
+
+def test_a_checkpoints_metadata_and_the_train_state_are_compared_by_leaf_names(tiny_config, tmp_path):
+    """The metadata has dicts keyed '0', '1', ... where the state has an AdamWState and int keys: compared by
+    names they match (as key paths every leaf differed, and any failed restore was said not to fit the state)."""
+    mesh = shd.make_mesh(tiny_config.mesh)
+    tx, _ = optim.make_optimizer(tiny_config, 8, 2)
+    _, state, _ = step_lib.create_state(lambda r: pretrain.build_model(tiny_config, r), tx, mesh, tiny_config)
+    mgr = checkpoint.manager(str(tmp_path), async_save=False)
+    checkpoint.save_state(mgr, 1, state)
+    target = jax.tree.map(lambda x: x, dict(checkpoint._state_target(mgr, 1)))
+    mgr.close()
+    assert checkpoint.tree_mismatches(target, state) == []
+    q = state["params"]["blocks"][0]["attn"]["q"]["kernel"]
+    target["params"]["blocks"]["0"]["attn"]["q"]["kernel"] = np.zeros((q.shape[0], q.shape[1] + 1), np.float32)
+    del target["opt_state"]["count"]
+    assert checkpoint.tree_mismatches(target, state) == [
+        "missing opt_state/count",
+        f"params/blocks/0/attn/q/kernel: checkpoint {(q.shape[0], q.shape[1] + 1)} vs model {tuple(q.shape)}"]
+
+
+def test_processes_that_list_different_checkpoints_stop_in_one_line(tiny_config, tmp_path, monkeypatch):
+    """Another process listing other steps (its workdir is on storage of its own) stops the run at start."""
+    from mae_st_jax import distributed
+    from mae_st_jax.train import loop
+
+    tiny_config.total_steps = 2
+    pretrain.train(tiny_config, str(tmp_path))  # checkpoint 2
+    real = distributed.gather
+    monkeypatch.setattr(distributed, "gather", lambda name, value, *a: (
+        [value, ""] if name == "checkpoint steps" else real(name, value, *a)))
+    with pytest.raises(loop.WorkdirError, match=r"different checkpoints in .* \(steps process 0: 2; process 1: "
+                                                r"none\): every process needs the same workdir"):
+        pretrain.run(tiny_config, str(tmp_path))
+    with pytest.raises(checkpoint.StepsDifferError):  # init_from reads another workdir through the same check
+        checkpoint.newest_readable(lambda: checkpoint.manager(str(tmp_path), async_save=False), lambda m, s: s)

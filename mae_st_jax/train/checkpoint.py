@@ -10,7 +10,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from mae_st_jax import distributed
+
 PARAMS_DIR, MODEL_JSON = "params", "model.json"
+ITEM = "default"  # the folder of a CheckpointManager's one item inside a step folder
 
 
 def manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
@@ -44,14 +47,31 @@ def save_state(mgr: ocp.CheckpointManager, step: int, state, *, force: bool = Fa
 
 def restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
     """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return read_step(mgr, step, ocp.args.StandardRestore(abstract_state))
+
+
+def read_step(mgr: ocp.CheckpointManager, step: int, args):
+    """What mgr.restore(step, args=args) gives (StandardRestore or PyTreeRestore), read by the item's
+    handler without the cross-process sync that Orbax's Checkpointer ends every restore with: a process
+    whose read fails never reaches that sync, and the others then wait in it, or meet that process at
+    its next sync of another name ('sync_global_devices name mismatch'). newest_readable has every
+    process agree on each attempt's outcome instead."""
+    handler = (ocp.PyTreeCheckpointHandler() if isinstance(args, ocp.args.PyTreeRestore)
+               else ocp.StandardCheckpointHandler())
+    try:
+        return handler.restore(absolute(str(mgr.directory)) / str(step) / ITEM, args=args)
+    finally:
+        handler.close()
 
 
 def _state_target(mgr: ocp.CheckpointManager, step: int):
     """Zero host arrays shaped like training checkpoint `step` (from its metadata): a restore
     target that reads it to host memory whatever devices it was saved from."""
-    with ocp.StandardCheckpointer() as ckptr:
-        return _host_target(ckptr, absolute(str(mgr.directory)) / str(step) / "default")
+    handler = ocp.StandardCheckpointHandler()  # a handler reads metadata without a cross-process sync
+    try:
+        return _host_target(handler, absolute(str(mgr.directory)) / str(step) / ITEM)
+    finally:
+        handler.close()
 
 
 def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
@@ -61,28 +81,55 @@ def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
     return isinstance(params, dict) and _is_stacked(params.get("blocks"))
 
 
+class StepsDifferError(ValueError):
+    """The processes of one run list different checkpoint steps: their workdir is not one shared folder."""
+
+
+def agreed_steps(mgr: ocp.CheckpointManager, where: str = "") -> list[int]:
+    """mgr's committed steps, ascending, checked to be what every process lists: StepsDifferError when
+    they differ (the workdir is not on storage they all share, e.g. /tmp on each host); the processes
+    would otherwise start from different steps, or one afresh, and wait for each other for ever."""
+    steps = sorted(mgr.all_steps())
+    listed = distributed.gather("checkpoint steps", ",".join(map(str, steps)))
+    if len(set(listed)) > 1:
+        seen = "; ".join(f"process {i}: {v or 'none'}" for i, v in enumerate(listed))
+        raise StepsDifferError(f"{where}the processes see different checkpoints in {mgr.directory} (steps {seen}): "
+                               f"every process needs the same workdir, on storage they all share")
+    return steps
+
+
 def newest_readable(make_manager, restore, where: str = ""):
     """(restore(mgr, step), step, unreadable newer steps) for the newest committed step `restore`
     reads, or (None, None, every step) when none does; each failure is a warning (prefixed `where`).
-    Every attempt gets its own CheckpointManager (make_manager()): a failed restore of an item-less
-    step folder leaves Orbax's manager unable to restore any other step."""
+    Every attempt gets its own CheckpointManager (make_manager()): a failed mgr.restore of an item-less
+    step folder left Orbax's manager unable to restore any other step (read_step no longer goes through
+    the manager's restore; a fresh one per attempt costs two syncs and is kept). With several processes a
+    step counts as read only when every process read its part (each reads its own shards, so one may
+    fail alone): all of them resume from the same step or stop together. `restore` must not sync
+    processes itself (read_step does not)."""
     probe = make_manager()
     try:
-        steps = sorted(probe.all_steps(), reverse=True)
-        directory = probe.directory
+        steps, directory = agreed_steps(probe, where)[::-1], probe.directory
     finally:
         probe.close()
     unreadable = []
     for step in steps:
-        mgr = make_manager()
+        mgr, restored, error = None, None, None
         try:
-            return restore(mgr, step), step, unreadable
+            mgr = make_manager()
+            restored = restore(mgr, step)
         except Exception as e:  # a corrupt or truncated checkpoint: fall back to the one before
-            logging.warning("%sCheckpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
-                            where, step, directory, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-            unreadable.append(step)
+            error = type(e).__name__ + ": " + (str(e).splitlines()[0][:300] if str(e) else "")
         finally:
-            mgr.close()
+            if mgr is not None:
+                mgr.close()
+        message = distributed.first_error(f"restore of step {step}", error)
+        if message is None:
+            return restored, step, unreadable
+        logging.warning("%sCheckpoint step %d in %s cannot be restored (%s); trying the previous one",
+                        where, step, directory, message)
+        unreadable.append(step)
+        del restored  # a process that did read it frees that memory before the next attempt
     return None, None, unreadable
 
 
@@ -105,10 +152,11 @@ def describe_restore_failure(mgr: ocp.CheckpointManager, step: int, abstract_sta
 
 def tree_mismatches(tree, expected) -> list[str]:
     """'missing P', 'unexpected P' and 'P: checkpoint SHAPE vs model SHAPE' for every leaf path P
-    (jax keystr) whose presence or shape differs between `tree` (read from a checkpoint) and
-    `expected` (the model's or train state's tree)."""
-    got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    (names joined by '/') whose presence or shape differs between `tree` (read from a checkpoint) and
+    `expected` (the model's or train state's tree). Paths are compared by their names: a checkpoint's
+    metadata has dicts keyed '0', '1', ... where the state has a NamedTuple (AdamWState) and int keys."""
+    got = {_path(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    want = {_path(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
     problems += [f"{k}: checkpoint {got[k]} vs model {want[k]}" for k in sorted(set(got) & set(want))
@@ -116,12 +164,17 @@ def tree_mismatches(tree, expected) -> list[str]:
     return problems
 
 
+def _path(keys) -> str:
+    """'opt_state/mu/blocks/0/attn/q/kernel' for a jax key path of dict keys, attributes or indices."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
 def restore_stacked_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
     """Restore a train state whose blocks (parameters and AdamW moments) were saved stacked on a
     [depth] axis: read it to host memory, split the blocks per layer, check every leaf against
     `abstract_state` and place it on that state's shardings. The next save writes the per-layer
     layout. Raises ValueError when the converted tree still does not fit."""
-    raw = jax.tree.map(np.asarray, mgr.restore(step, args=ocp.args.StandardRestore(_state_target(mgr, step))))
+    raw = jax.tree.map(np.asarray, read_step(mgr, step, ocp.args.StandardRestore(_state_target(mgr, step))))
     opt = abstract_state["opt_state"]
     raw_opt = raw["opt_state"]
     if hasattr(opt, "_fields") and isinstance(raw_opt, dict):  # a NamedTuple (AdamWState) saved as a dict
@@ -131,8 +184,11 @@ def restore_stacked_state(mgr: ocp.CheckpointManager, step: int, abstract_state)
     if problems:
         raise ValueError(f"checkpoint step {step} does not fit this run's state after splitting its stacked "
                          f"blocks: {'; '.join(problems[:6])}")
-    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state)}
-    leaves = [jax.device_put(np.asarray(got[jax.tree_util.keystr(k)], a.dtype), a.sharding)
+    got = {_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(state)}
+    # each process places only its own shards: jax.device_put onto a sharding that spans processes checks that
+    # they all hold the same value with a device collective, which newest_readable's restore must not make
+    leaves = [jax.make_array_from_callback(a.shape, a.sharding,
+                                           lambda index, x=np.asarray(got[_path(k)], a.dtype): x[index])
               for k, a in jax.tree_util.tree_leaves_with_path(abstract_state)]
     return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
 
@@ -154,22 +210,42 @@ def load_params(directory: str, abstract_params=None):
     restored onto those shardings; without it they come back as host numpy arrays.
     """
     path = epath.Path(directory)
-    model_config = json.loads((path / MODEL_JSON).read_text()) if (path / MODEL_JSON).exists() else {}
-    if (path / PARAMS_DIR).exists():
-        with ocp.StandardCheckpointer() as ckptr:
+    found = [name for name in (MODEL_JSON, PARAMS_DIR, "checkpoints") if (path / name).exists()]
+    seen = distributed.gather("init_from contents", ",".join(found))  # the same branch on every process
+    if len(set(seen)) > 1:
+        listed = "; ".join(f"process {i}: {v or 'nothing'}" for i, v in enumerate(seen))
+        raise FileNotFoundError(f"init_from={directory}: the processes find different things there ({listed}): "
+                                f"it must be on storage every process reads")
+    model_config, error = {}, None
+    try:  # a file one process alone cannot read must not send it down another path than the others
+        model_config = json.loads((path / MODEL_JSON).read_text()) if MODEL_JSON in found else {}
+    except Exception as e:
+        error = e
+    message = distributed.first_error(f"init_from {MODEL_JSON}", error)
+    if message is not None:
+        raise ValueError(f"init_from={directory}: cannot read its {MODEL_JSON} ({message})") from error
+    if PARAMS_DIR in found:
+        params_dir = absolute(str(path / PARAMS_DIR))
+        if not ocp.utils.is_checkpoint_finalized(params_dir):  # as Orbax's Checkpointer.restore checks
+            raise FileNotFoundError(f"init_from={directory}: {PARAMS_DIR}/ is an incomplete checkpoint (its save "
+                                    f"did not finish)")
+        handler = ocp.StandardCheckpointHandler()  # no cross-process sync (read_step): callers agree on errors
+        try:
             if abstract_params is not None:
-                return ckptr.restore(absolute(str(path / PARAMS_DIR)), abstract_params), model_config
-            params = ckptr.restore(absolute(str(path / PARAMS_DIR)), _host_target(ckptr, path / PARAMS_DIR))
+                return handler.restore(params_dir, args=ocp.args.StandardRestore(abstract_params)), model_config
+            params = handler.restore(params_dir, args=ocp.args.StandardRestore(_host_target(handler, params_dir)))
             return per_layer_blocks(params), model_config
-    if (path / "checkpoints").exists():
+        finally:
+            handler.close()
+    if "checkpoints" in found:
         def read(mgr, step):
             if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
                 item = {"params": _state_target(mgr, step)["params"]}
                 restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
             else:
                 item, restore_args = {"params": abstract_params}, None
-            return mgr.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                 partial_restore=True))
+            return read_step(mgr, step, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                               partial_restore=True))
 
         restored, _, unreadable = newest_readable(lambda: manager(str(path), async_save=False), read,
                                                   f"init_from={directory}: ")
@@ -214,8 +290,10 @@ def per_layer_blocks(params):
     return out
 
 
-def _host_target(ckptr, path):
-    meta = ckptr.metadata(absolute(str(path)))
+def _host_target(reader, path):
+    """Zero host arrays shaped like the checkpoint at `path`, from its metadata (`reader`: a Checkpointer or
+    a handler)."""
+    meta = reader.metadata(absolute(str(path)))
     meta = getattr(meta, "item_metadata", meta)
     return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 
 import jax
 from absl import logging
@@ -124,7 +125,19 @@ def restore_newest(make_manager, abstract_state):
                         "before they were stored per layer): splitting them per layer", step, mgr.directory)
         return checkpoint.restore_stacked_state(mgr, step, abstract_state)
 
-    return checkpoint.newest_readable(make_manager, restore)
+    try:
+        return checkpoint.newest_readable(make_manager, restore)
+    except checkpoint.StepsDifferError as e:
+        raise WorkdirError(str(e)) from None
+
+
+def _agreed_steps(mgr) -> list[int]:
+    """checkpoint.agreed_steps(mgr); processes that list different steps end with a WorkdirError (mgr closed)."""
+    try:
+        return checkpoint.agreed_steps(mgr)
+    except checkpoint.StepsDifferError as e:
+        mgr.close()
+        raise WorkdirError(str(e)) from None
 
 
 def set_aside(workdir: str, steps) -> None:
@@ -176,6 +189,48 @@ USER_ERRORS = (RestoreError, WorkdirError, DataError, NonFiniteError, InitFromEr
 
 def _tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+SHARED_CHECK = ".shared_check"  # written by process 0 at start, read by the others, then removed
+
+
+def check_shared(workdir: str, wait_s: float = 10.0) -> None:
+    """WorkdirError on every process when one does not find in the workdir the token process 0 just wrote
+    there: that host has a folder of its own at this path (/tmp or a local disk), and the checkpoints, of
+    which every process writes its own shards, would be split across hosts, found out only at the first
+    save or resume. A file system that caches listings gets wait_s to show the file."""
+    if jax.process_count() == 1:
+        return
+    path, token, error = os.path.join(workdir, SHARED_CHECK), "", None
+    if jax.process_index() == 0:
+        token = f"{uuid.uuid4().hex} pid {os.getpid()} on {socket.gethostname()}"
+        try:
+            fileio.write_text(path, token)
+        except Exception as e:
+            error = f"cannot write {path} ({type(e).__name__}: {e})"
+    want = distributed.gather("workdir token", token)[0]
+    deadline = time.time() + wait_s
+    while jax.process_index() != 0 and error is None:
+        try:
+            seen = fileio.read_text(path).strip() if fileio.exists(path) else "nothing"
+        except Exception as e:
+            seen = f"an unreadable file ({type(e).__name__})"
+        if seen == want:
+            break
+        if time.time() > deadline:
+            error = (f"workdir {workdir} is not one folder that every process shares: this process finds {seen} "
+                     f"where process 0 wrote {path}; every process needs the same workdir, on storage they all "
+                     f"mount (a shared file system or a gs:// bucket)")
+        else:
+            time.sleep(0.5)
+    message = distributed.first_error("shared workdir", error)
+    if jax.process_index() == 0:  # past first_error's barrier: every process has looked
+        try:
+            fileio.remove(path)
+        except Exception:
+            pass
+    if message is not None:
+        raise WorkdirError(message)
 
 
 class WorkdirInUse(WorkdirError):
@@ -247,6 +302,7 @@ def run(config, workdir: str, **kwargs) -> Outcome:
             if isinstance(error, ValueError):  # the data source's own checks (no shards, too few files, labels)
                 raise DataSourceError(message) from None
             raise (WorkdirError if error is None else DataError)(message) from None
+        check_shared(workdir)
         return _run(config, workdir, source=source, **kwargs)
     finally:
         lock.__exit__(None, None, None)
@@ -264,10 +320,23 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     make_manager = lambda: checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
                                               async_save=config.async_checkpoints, cleanup_tmp=True)
     mgr = make_manager()
-    fresh = not mgr.all_steps()
+    fresh = not _agreed_steps(mgr)
     from_init = init_params is not None and fresh
+    params, error = None, None
+    if from_init:  # each process reads its own copy: all go on, or all stop with the first failure's line
+        try:
+            params = init_params()
+        except Exception as e:
+            if not isinstance(e, (FileNotFoundError, ValueError)):
+                if jax.process_count() == 1:
+                    raise  # not a missing or mismatched checkpoint: its traceback
+                logging.info("Reading config.init_from failed on this process", exc_info=e)
+            error = e
+        message = distributed.first_error("init_from", error)
+        if message is not None:
+            mgr.close()
+            raise InitFromError(f"config.init_from={config.init_from}: {message}") from error
     try:
-        params = init_params() if from_init else None
         graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
     except (FileNotFoundError, ValueError) as e:
         if not from_init:
@@ -287,6 +356,7 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
             set_aside(workdir, unreadable)
             distributed.barrier("unreadable checkpoints set aside")
         mgr = make_manager()  # lists the steps as they are now
+        _agreed_steps(mgr)  # a listing that one host caches would make Orbax skip a save there alone
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:
