@@ -315,7 +315,8 @@ def test_user_errors_are_one_line(tmp_path):
     proc = _main(tmp_path / "a", "--config.total_steps=2", f"--config.init_from={tmp_path / 'nothing'}")
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
-    assert out.strip().splitlines()[-1].startswith(f"error: config.init_from={tmp_path / 'nothing'}: ")
+    assert out.strip().splitlines()[-1] == (f"error: config.init_from={tmp_path / 'nothing'}: neither a parameter "
+                                            f"checkpoint (params/) nor a training workdir (checkpoints/)")
     with loop.WorkdirLock(str(tmp_path / "b")):
         proc = _main(tmp_path / "b", "--config.total_steps=2")
         out = proc.communicate(timeout=600)[0]

@@ -341,7 +341,7 @@ def test_an_init_from_only_one_process_finds_stops_every_process_in_one_line(tmp
     codes, last = _main_processes(tmp_path, [f"--workdir={tmp_path / 'w'}", "--config.init_from=src"],
                                   cwds={0: tmp_path / "a", 1: tmp_path / "b"})
     assert codes == [1, 1], last
-    want = (r"error: config.init_from=src: (process 0: )?init_from=src: the processes find different things "
+    want = (r"error: config.init_from=src: (process 0: )?the processes find different things "
             r"there \(process 0: model.json,checkpoints; process 1: nothing\): it must be on storage every "
             r"process reads")
     assert all(re.fullmatch(want, line) for line in last), last

@@ -131,6 +131,12 @@ def restore_newest(make_manager, abstract_state):
         raise WorkdirError(str(e)) from None
 
 
+def _init_from_error(config, message: str) -> "InitFromError":
+    """'config.init_from=DIR: MESSAGE' on one line, without load_params' own 'init_from=DIR: ' prefix again."""
+    message = " ".join(message.split()).replace(f"init_from={config.init_from}: ", "", 1)
+    return InitFromError(f"config.init_from={config.init_from}: {message}")
+
+
 def _agreed_steps(mgr) -> list[int]:
     """checkpoint.agreed_steps(mgr); processes that list different steps end with a WorkdirError (mgr closed)."""
     try:
@@ -335,14 +341,14 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
         message = distributed.first_error("init_from", error)
         if message is not None:
             mgr.close()
-            raise InitFromError(f"config.init_from={config.init_from}: {message}") from error
+            raise _init_from_error(config, message) from error
     try:
         graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
     except (FileNotFoundError, ValueError) as e:
         if not from_init:
             raise
         mgr.close()
-        raise InitFromError(f"config.init_from={config.init_from}: {' '.join(str(e).split())}") from e
+        raise _init_from_error(config, str(e)) from e
     check_free_space(workdir, _tree_bytes(state), config.keep_checkpoints)
     start = 0
     if not fresh:
