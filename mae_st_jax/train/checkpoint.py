@@ -52,14 +52,32 @@ def restore_state(mgr: ocp.CheckpointManager, step: int, abstract_state):
 
 def read_step(mgr: ocp.CheckpointManager, step: int, args):
     """What mgr.restore(step, args=args) gives (StandardRestore or PyTreeRestore), read by the item's
-    handler without the cross-process sync that Orbax's Checkpointer ends every restore with: a process
-    whose read fails never reaches that sync, and the others then wait in it, or meet that process at
-    its next sync of another name ('sync_global_devices name mismatch'). newest_readable has every
+    handler (_read) without the cross-process sync that Orbax's Checkpointer ends every restore with: a
+    process whose read fails never reaches that sync, and the others then wait in it, or meet that process
+    at its next sync of another name ('sync_global_devices name mismatch'). newest_readable has every
     process agree on each attempt's outcome instead."""
+    return _read(_item_dir(mgr, step), args)
+
+
+def _item_dir(mgr: ocp.CheckpointManager, step: int) -> epath.Path:
+    return absolute(str(mgr.directory)) / str(step) / ITEM
+
+
+def _read(directory, args):
+    """Restore the checkpoint in `directory` with `args` through its Orbax handler: no cross-process sync."""
     handler = (ocp.PyTreeCheckpointHandler() if isinstance(args, ocp.args.PyTreeRestore)
                else ocp.StandardCheckpointHandler())
     try:
-        return handler.restore(absolute(str(mgr.directory)) / str(step) / ITEM, args=args)
+        return handler.restore(absolute(str(directory)), args=args)
+    finally:
+        handler.close()
+
+
+def _metadata_target(directory):
+    """_host_target of the checkpoint in `directory`, its metadata read by a handler (no cross-process sync)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return _host_target(handler, directory)
     finally:
         handler.close()
 
@@ -67,11 +85,7 @@ def read_step(mgr: ocp.CheckpointManager, step: int, args):
 def _state_target(mgr: ocp.CheckpointManager, step: int):
     """Zero host arrays shaped like training checkpoint `step` (from its metadata): a restore
     target that reads it to host memory whatever devices it was saved from."""
-    handler = ocp.StandardCheckpointHandler()  # a handler reads metadata without a cross-process sync
-    try:
-        return _host_target(handler, absolute(str(mgr.directory)) / str(step) / ITEM)
-    finally:
-        handler.close()
+    return _metadata_target(_item_dir(mgr, step))
 
 
 def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
@@ -229,14 +243,11 @@ def load_params(directory: str, abstract_params=None):
         if not ocp.utils.is_checkpoint_finalized(params_dir):  # as Orbax's Checkpointer.restore checks
             raise FileNotFoundError(f"init_from={directory}: {PARAMS_DIR}/ is an incomplete checkpoint (its save "
                                     f"did not finish)")
-        handler = ocp.StandardCheckpointHandler()  # no cross-process sync (read_step): callers agree on errors
-        try:
-            if abstract_params is not None:
-                return handler.restore(params_dir, args=ocp.args.StandardRestore(abstract_params)), model_config
-            params = handler.restore(params_dir, args=ocp.args.StandardRestore(_host_target(handler, params_dir)))
-            return per_layer_blocks(params), model_config
-        finally:
-            handler.close()
+        # read without a cross-process sync (read_step): the callers agree on the outcome
+        if abstract_params is not None:
+            return _read(params_dir, ocp.args.StandardRestore(abstract_params)), model_config
+        params = _read(params_dir, ocp.args.StandardRestore(_metadata_target(params_dir)))
+        return per_layer_blocks(params), model_config
     if "checkpoints" in found:
         def read(mgr, step):
             if abstract_params is None:  # host numpy arrays, whatever devices the checkpoint was saved from
