@@ -179,6 +179,18 @@ def gather(name: str, value: str, timeout_s: int = 3600) -> list[str]:
 _last_gathered: str | None = None  # this process's key of its previous gather
 
 
+def differing(name: str, value: str) -> list[str] | None:
+    """None when every process gives the same `value`, else every process's value by process index
+    (by_process lists them): how the processes check that they see the same config, files or steps."""
+    values = gather(name, value)
+    return values if len(set(values)) > 1 else None
+
+
+def by_process(values: list[str], empty: str = "nothing") -> str:
+    """'process 0: A; process 1: B' (`empty` for an empty value)."""
+    return "; ".join(f"process {i}: {v or empty}" for i, v in enumerate(values))
+
+
 def sum_over_processes(name: str, *counts: int) -> tuple[int, ...]:
     """The sums over every process of these per-process integer counts (the counts for one process)."""
     rows = [[int(x) for x in v.split(",")] for v in gather(name, ",".join(str(int(c)) for c in counts))]

@@ -85,8 +85,8 @@ def _main():
     logging.info("JAX %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
     digest = hashlib.sha256(f"{config.to_json_best_effort(sort_keys=True)} {FLAGS.workdir}".encode()).hexdigest()
-    digests = distributed.gather("config", digest)
-    if len(set(digests)) > 1:
+    digests = distributed.differing("config", digest)
+    if digests is not None:
         differ = [i for i, d in enumerate(digests) if d != digests[0]]
         _exit(f"flag error: process {differ[0]} was given another config or workdir than process 0 (processes "
                  f"{differ} differ): every process must run the same command")

@@ -214,4 +214,8 @@ def test_processes_that_list_different_checkpoints_stop_in_one_line(tiny_config,
                                                 r"none\): every process needs the same workdir"):
         pretrain.run(tiny_config, str(tmp_path))
     with pytest.raises(checkpoint.StepsDifferError):  # init_from reads another workdir through the same check
-        checkpoint.newest_readable(lambda: checkpoint.manager(str(tmp_path), async_save=False), lambda m, s: s)
+        mgr = checkpoint.manager(str(tmp_path), async_save=False)
+        try:
+            checkpoint.newest_readable(mgr, lambda m, s: s)
+        finally:
+            mgr.close()

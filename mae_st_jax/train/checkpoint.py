@@ -11,6 +11,7 @@ from absl import logging
 from etils import epath
 
 from mae_st_jax import distributed
+from mae_st_jax.train.errors import StepsDifferError
 
 PARAMS_DIR, MODEL_JSON = "params", "model.json"
 ITEM = "default"  # the folder of a CheckpointManager's one item inside a step folder
@@ -95,53 +96,40 @@ def has_stacked_blocks(mgr: ocp.CheckpointManager, step: int) -> bool:
     return isinstance(params, dict) and _is_stacked(params.get("blocks"))
 
 
-class StepsDifferError(ValueError):
-    """The processes of one run list different checkpoint steps: their workdir is not one shared folder."""
-
-
 def agreed_steps(mgr: ocp.CheckpointManager, where: str = "") -> list[int]:
     """mgr's committed steps, ascending, checked to be what every process lists: StepsDifferError when
     they differ (the workdir is not on storage they all share, e.g. /tmp on each host); the processes
     would otherwise start from different steps, or one afresh, and wait for each other for ever."""
     steps = sorted(mgr.all_steps())
-    listed = distributed.gather("checkpoint steps", ",".join(map(str, steps)))
-    if len(set(listed)) > 1:
-        seen = "; ".join(f"process {i}: {v or 'none'}" for i, v in enumerate(listed))
-        raise StepsDifferError(f"{where}the processes see different checkpoints in {mgr.directory} (steps {seen}): "
-                               f"every process needs the same workdir, on storage they all share")
+    listed = distributed.differing("checkpoint steps", ",".join(map(str, steps)))
+    if listed is not None:
+        raise StepsDifferError(f"{where}the processes see different checkpoints in {mgr.directory} (steps "
+                               f"{distributed.by_process(listed, 'none')}): every process needs the same workdir, "
+                               f"on storage they all share")
     return steps
 
 
-def newest_readable(make_manager, restore, where: str = ""):
-    """(restore(mgr, step), step, unreadable newer steps) for the newest committed step `restore`
-    reads, or (None, None, every step) when none does; each failure is a warning (prefixed `where`).
-    Every attempt gets its own CheckpointManager (make_manager()): a failed mgr.restore of an item-less
-    step folder left Orbax's manager unable to restore any other step (read_step no longer goes through
-    the manager's restore; a fresh one per attempt costs two syncs and is kept). With several processes a
-    step counts as read only when every process read its part (each reads its own shards, so one may
-    fail alone): all of them resume from the same step or stop together. `restore` must not sync
-    processes itself (read_step does not)."""
-    probe = make_manager()
-    try:
-        steps, directory = agreed_steps(probe, where)[::-1], probe.directory
-    finally:
-        probe.close()
+def newest_readable(mgr: ocp.CheckpointManager, restore, steps=None, where: str = ""):
+    """(restore(mgr, step), step, unreadable newer steps) for the newest of `steps` (default: mgr's
+    agreed_steps) that `restore` reads, or (None, None, every step) when none does; each failure is a
+    warning (prefixed `where`). With several processes a step counts as read only when every process
+    read its part (each reads its own shards, so one may fail alone): all of them resume from the same
+    step or stop together. `restore` must not sync processes itself (read_step does not), and reads
+    past the manager's own restore, so a failed attempt leaves `mgr` usable for the next."""
+    if steps is None:
+        steps = agreed_steps(mgr, where)
     unreadable = []
-    for step in steps:
-        mgr, restored, error = None, None, None
+    for step in sorted(steps, reverse=True):
+        restored, error = None, None
         try:
-            mgr = make_manager()
             restored = restore(mgr, step)
         except Exception as e:  # a corrupt or truncated checkpoint: fall back to the one before
             error = type(e).__name__ + ": " + (str(e).splitlines()[0][:300] if str(e) else "")
-        finally:
-            if mgr is not None:
-                mgr.close()
         message = distributed.first_error(f"restore of step {step}", error)
         if message is None:
             return restored, step, unreadable
         logging.warning("%sCheckpoint step %d in %s cannot be restored (%s); trying the previous one",
-                        where, step, directory, message)
+                        where, step, mgr.directory, message)
         unreadable.append(step)
         del restored  # a process that did read it frees that memory before the next attempt
     return None, None, unreadable
@@ -225,11 +213,10 @@ def load_params(directory: str, abstract_params=None):
     """
     path = epath.Path(directory)
     found = [name for name in (MODEL_JSON, PARAMS_DIR, "checkpoints") if (path / name).exists()]
-    seen = distributed.gather("init_from contents", ",".join(found))  # the same branch on every process
-    if len(set(seen)) > 1:
-        listed = "; ".join(f"process {i}: {v or 'nothing'}" for i, v in enumerate(seen))
-        raise FileNotFoundError(f"init_from={directory}: the processes find different things there ({listed}): "
-                                f"it must be on storage every process reads")
+    seen = distributed.differing("init_from contents", ",".join(found))  # the same branch on every process
+    if seen is not None:
+        raise FileNotFoundError(f"init_from={directory}: the processes find different things there "
+                                f"({distributed.by_process(seen)}): it must be on storage every process reads")
     model_config, error = {}, None
     try:  # a file one process alone cannot read must not send it down another path than the others
         model_config = json.loads((path / MODEL_JSON).read_text()) if MODEL_JSON in found else {}
@@ -258,8 +245,11 @@ def load_params(directory: str, abstract_params=None):
             return read_step(mgr, step, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                                partial_restore=True))
 
-        restored, _, unreadable = newest_readable(lambda: manager(str(path), async_save=False), read,
-                                                  f"init_from={directory}: ")
+        mgr = manager(str(path), async_save=False)
+        try:
+            restored, _, unreadable = newest_readable(mgr, read, where=f"init_from={directory}: ")
+        finally:
+            mgr.close()
         if restored is None and not unreadable:
             raise FileNotFoundError(f"init_from={directory}: no committed checkpoint under {path / 'checkpoints'}")
         if restored is None:

@@ -23,6 +23,8 @@ from mae_st_jax import config_lib, distributed, fileio
 from mae_st_jax.data import pipeline
 from mae_st_jax.data.errors import DataError
 from mae_st_jax.train import checkpoint, step as step_lib
+from mae_st_jax.train.errors import (  # noqa: F401 (loop.WorkdirError etc. are what main.py and the tests use)
+    USER_ERRORS, DataSourceError, InitFromError, NonFiniteError, RestoreError, WorkdirError)
 from mae_st_jax.train.logging import MetricsLog
 
 
@@ -108,9 +110,9 @@ def check_free_space(workdir: str, state_bytes: int, keep: int = 1) -> None:
                            f"space, keep fewer checkpoints, or choose another --workdir")
 
 
-def restore_newest(make_manager, abstract_state):
-    """(state, step, unreadable newer steps) from the newest checkpoint that restores into
-    `abstract_state` (checkpoint.newest_readable), blocks written stacked included."""
+def restore_newest(mgr, abstract_state, steps=None):
+    """(state, step, unreadable newer steps) from the newest of `steps` (default: all that mgr lists) that
+    restores into `abstract_state` (checkpoint.newest_readable), blocks written stacked included."""
     def restore(mgr, step):
         try:
             return checkpoint.restore_state(mgr, step, abstract_state)
@@ -125,10 +127,7 @@ def restore_newest(make_manager, abstract_state):
                         "before they were stored per layer): splitting them per layer", step, mgr.directory)
         return checkpoint.restore_stacked_state(mgr, step, abstract_state)
 
-    try:
-        return checkpoint.newest_readable(make_manager, restore)
-    except checkpoint.StepsDifferError as e:
-        raise WorkdirError(str(e)) from None
+    return checkpoint.newest_readable(mgr, restore, steps)
 
 
 def _init_from_error(config, message: str) -> "InitFromError":
@@ -138,12 +137,12 @@ def _init_from_error(config, message: str) -> "InitFromError":
 
 
 def _agreed_steps(mgr) -> list[int]:
-    """checkpoint.agreed_steps(mgr); processes that list different steps end with a WorkdirError (mgr closed)."""
+    """checkpoint.agreed_steps(mgr), with mgr closed when the processes list different steps."""
     try:
         return checkpoint.agreed_steps(mgr)
-    except checkpoint.StepsDifferError as e:
+    except checkpoint.StepsDifferError:
         mgr.close()
-        raise WorkdirError(str(e)) from None
+        raise
 
 
 def set_aside(workdir: str, steps) -> None:
@@ -167,30 +166,6 @@ def set_aside(workdir: str, steps) -> None:
         logging.warning("Moved the unreadable checkpoint step %d to %s", step, dst)
 
 
-class RestoreError(RuntimeError):
-    """A workdir holds checkpoints, but none of them fits this run's train state."""
-
-
-class WorkdirError(OSError):
-    """The workdir cannot be written or cannot hold the run's checkpoints."""
-
-
-
-
-class DataSourceError(DataError, ValueError):
-    """config.data names data this process cannot train on (no files, too few for the processes, labels)."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss or gradient (the state is not saved)."""
-
-
-class InitFromError(ValueError):
-    """config.init_from cannot be read or does not fit the model."""
-
-
-# what a user can cause and fix: main.py prints these as one line (exit 1) instead of a traceback
-USER_ERRORS = (RestoreError, WorkdirError, DataError, NonFiniteError, InitFromError)
 
 
 def _tree_bytes(tree) -> int:
@@ -326,7 +301,8 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     make_manager = lambda: checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
                                               async_save=config.async_checkpoints, cleanup_tmp=True)
     mgr = make_manager()
-    fresh = not _agreed_steps(mgr)
+    steps = _agreed_steps(mgr)
+    fresh = not steps
     from_init = init_params is not None and fresh
     params, error = None, None
     if from_init:  # each process reads its own copy: all go on, or all stop with the first failure's line
@@ -352,17 +328,22 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     check_free_space(workdir, _tree_bytes(state), config.keep_checkpoints)
     start = 0
     if not fresh:
-        mgr.close()
-        restored, step, unreadable = restore_newest(make_manager, step_lib.abstract_with_shardings(state, state_sh))
+        try:
+            restored, step, unreadable = restore_newest(mgr, step_lib.abstract_with_shardings(state, state_sh), steps)
+        except BaseException:
+            mgr.close()
+            raise
         if restored is None:
+            mgr.close()
             raise RestoreError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')} can be restored into "
                                "this run's state (the warnings above say why: another model size or config, or an "
                                "older mae_st_jax whose optimizer state differs): move it away to start afresh")
         if unreadable:
+            mgr.close()
             set_aside(workdir, unreadable)
             distributed.barrier("unreadable checkpoints set aside")
-        mgr = make_manager()  # lists the steps as they are now
-        _agreed_steps(mgr)  # a listing that one host caches would make Orbax skip a save there alone
+            mgr = make_manager()  # lists the steps as they are now
+            _agreed_steps(mgr)  # a listing that one host caches would make Orbax skip a save there alone
         state, start = restored, int(jax.device_get(restored["step"]))
         logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
     if jax.process_index() == 0:
