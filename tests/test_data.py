@@ -101,6 +101,20 @@ def test_converter_resamples_fps_and_reads_class_folders(videos, tmp_path):
     assert sorted((source.info(k).name, source.info(k).label) for k in range(3)) == [("c", 0), ("e", 1), ("h", 1)]
 
 
+def test_videos_that_share_a_file_name_keep_different_record_names(videos, tmp_path):
+    """clip.mp4 in two class folders: each record is named by its path below the shared folder."""
+    for cls, name in (("jump", "c.mkv"), ("run", "e.mp4")):
+        (tmp_path / "folders" / cls).mkdir(parents=True)
+        shutil.copy(videos / name, tmp_path / "folders" / cls / ("clip" + os.path.splitext(name)[1]))
+    make_shards.convert(str(tmp_path / "folders"), str(tmp_path / "out"), 1, short_side=0, workers=1)
+    source = sources.TFRecordVideos(str(tmp_path / "out" / "*.tfrecord"))
+    assert sorted((source.info(k).name, source.info(k).label) for k in range(2)) == [("jump/clip", 0),
+                                                                                     ("run/clip", 1)]
+    assert make_shards.record_names(["/d/a/x.mp4", "/d/b/y.mp4"]) == ["x", "y"]  # unique file names stay
+    assert make_shards.record_names(["gs://b/k/a/x.mp4", "gs://b/k/b/x.mp4", "gs://b/k/x.mp4"]) == [
+        "a/x", "b/x", "x"]
+
+
 def test_videos_source_decodes_only_requested_frames(videos):
     source = sources.VideoFiles(str(videos / "list.csv"))
     assert len(source) == 10 and source.class_names == CLASSES

@@ -28,9 +28,26 @@ from mae_st_jax.data import augment, records, sources, video_io
 _PROGRESS = None  # a worker's queue for one message per finished video
 
 
+def record_names(paths: list[str]) -> list[str]:
+    """Each video's record name (what predictions.csv and names.txt call it): the file name without its
+    extension; when two listed videos share one (clip_001.mp4 in several class folders), every name is
+    the path below the folder they all share, without the extension (`jump/clip_001`)."""
+    stems = [os.path.splitext(p.rstrip("/").rsplit("/", 1)[-1])[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    parts = [p.split("/") for p in paths]
+    shared = 0  # how many leading folders every path has in common
+    while all(len(q) > shared + 1 and q[shared] == parts[0][shared] for q in parts):
+        shared += 1
+    logging.info("Some listed videos share a file name: each record is named by its path below %s",
+                 "/".join(parts[0][:shared]) or "the current folder")
+    return [os.path.splitext("/".join(q[shared:]))[0] for q in parts]
+
+
 def convert_video(path: str, label: int, label_name: str, short_side: int = 256, fps: float = 0.0,
-                  quality: int = 90) -> tuple[bytes, dict]:
-    """(serialized SequenceExample, index metadata) of one video; raises ValueError with the reason."""
+                  quality: int = 90, name: str = "") -> tuple[bytes, dict]:
+    """(serialized SequenceExample, index metadata) of one video (its record named `name`, by default the
+    file name without its extension); raises ValueError with the reason."""
     import tensorflow as tf
     if not tf.io.gfile.exists(path):
         raise ValueError("missing file")
@@ -47,7 +64,7 @@ def convert_video(path: str, label: int, label_name: str, short_side: int = 256,
     if not jpegs:
         raise ValueError("no frames decoded")
     rate = fps or source_fps
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = name or os.path.splitext(os.path.basename(path))[0]
     data = records.encode_video(jpegs, fps=rate, label=label, label_name=label_name, path=path, name=name,
                                 height=shape[0], width=shape[1])
     return data, {"num_frames": len(jpegs), "fps": rate, "label": label, "name": name}
@@ -79,10 +96,10 @@ def write_shard(task: dict) -> dict:
     offsets, lengths, meta, skipped = [], [], [], []
     pos = 0
     with tf.io.TFRecordWriter(tmp) as writer:
-        for path, label, label_name in task["videos"]:
+        for path, label, label_name, name in task["videos"]:
             try:
                 data, info = convert_video(path, label, label_name, task["short_side"], task["fps"],
-                                           task["quality"])
+                                           task["quality"], name)
             except ValueError as e:
                 skipped.append([path, str(e)])
                 data = None
@@ -141,10 +158,11 @@ def convert(csv: str, output_dir: str, num_shards: int, short_side: int = 256, f
             f.write("".join(n + "\n" for n in names))
     prefix = prefix or os.path.splitext(os.path.basename(csv.rstrip("/")))[0] or "shard"
     order = np.random.default_rng(0).permutation(len(paths))  # mixes classes across shards
+    record = record_names(list(paths))
     tasks, reused = [], []
     for s in range(num_shards):
         path = os.path.join(output_dir, f"{prefix}-{s:05d}-of-{num_shards:05d}.tfrecord")
-        videos = [(paths[i], int(labels[i]), names[labels[i]] if names and labels[i] >= 0 else "")
+        videos = [(paths[i], int(labels[i]), names[labels[i]] if names and labels[i] >= 0 else "", record[i])
                   for i in order[s::num_shards]]
         if tf.io.gfile.exists(path) and tf.io.gfile.exists(path + records.INDEX_SUFFIX):
             with tf.io.gfile.GFile(path + records.INDEX_SUFFIX, "r") as f:
