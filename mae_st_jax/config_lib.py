@@ -6,7 +6,7 @@ import jax
 import ml_collections
 
 from mae_st_jax import masking
-from mae_st_jax.models import layers
+from mae_st_jax.models import layers, mae
 from mae_st_jax.models.mae import model_kwargs, target_frame_indices, token_grid
 
 MODES = ("pretrain", "finetune", "evaluate")
@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         sep_pos_embed=True, cls_embed=True,
         decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16,
         pred_t_dim=8, target_frames="linspace", norm_pix_loss=True,
+        decoder_cls="token", decoder_pos_table="same",  # mae_st's decoder; PySlowFast's: "encoder", "joint"
         mask_ratio=0.9, mask_strategy="random", mask_block_size=(2, 2, 2),
         dtype="float32", param_dtype="float32", remat="none", scan_layers=False, attention_impl="",
     ))
@@ -192,6 +193,9 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if m.decoder_embed_dim % m.decoder_num_heads:
         fail(f"config.model.decoder_embed_dim={m.decoder_embed_dim} is not divisible by "
              f"config.model.decoder_num_heads={m.decoder_num_heads}")
+    for field, choices in (("decoder_cls", mae.DECODER_CLS), ("decoder_pos_table", mae.DECODER_POS_TABLES)):
+        if m.get(field, choices[0]) not in choices:
+            fail(f"config.model.{field}={m[field]!r}: choose one of {choices}")
     if not 0.0 < m.mask_ratio < 1.0:
         fail(f"config.model.mask_ratio={m.mask_ratio} must be in (0, 1)")
     if m.mask_strategy not in masking.STRATEGIES:

@@ -204,7 +204,7 @@ def load_classifier_params(config, path: str, abstract_params, shardings):
         raise ValueError(f"{path} holds a {kind} model without a classifier head: evaluate a fine-tuned "
                          f"checkpoint (config.mode=finetune with config.init_from={path} makes one)")
     step_lib.check_params_match(params, abstract_params)
-    step_lib.check_head_count(saved, config.model, path)
+    step_lib.check_saved_settings(saved, config.model, path)
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
 
 

@@ -308,6 +308,13 @@ def test_unknown_target_frames():
     expect_error(c, "target_frames", "middle")
 
 
+@pytest.mark.parametrize("field,value", [("decoder_cls", "mean"), ("decoder_pos_table", "sincos")])
+def test_unknown_decoder_layout(field, value):
+    c = demo()
+    c.model[field] = value
+    expect_error(c, field, value)
+
+
 @pytest.mark.parametrize("pred_t_dim", [4, 8])
 def test_good_pred_t_dim(pred_t_dim):
     c = demo()

@@ -41,6 +41,22 @@ def assert_close(ours, theirs):
     assert np.sqrt(np.mean((ours - theirs) ** 2) / np.mean(theirs ** 2)) < 3e-6
 
 
+def assert_pretrain_forward_matches(model, torch_model, seed: int):
+    """Our MaskedAutoencoder and the torch one on the same random clips [2, C, T, H, W] and noise: the same
+    mask, predictions within assert_close, the loss within 1e-5 relative."""
+    g = model.geometry
+    rng = np.random.default_rng(seed)
+    video = rng.standard_normal((2, 3, g.num_frames, g.img_size, g.img_size)).astype(np.float32)
+    noise = rng.random((2, g.num_patches)).astype(np.float32)
+    with torch.no_grad():
+        loss_t, pred_t, mask_t = torch_model(torch.from_numpy(video), torch.from_numpy(noise), MASK_RATIO)
+    loss, pred, mask = jit_apply(model, jnp.asarray(video.transpose(0, 2, 3, 4, 1)), jnp.asarray(noise),
+                                 mask_ratio=MASK_RATIO)
+    np.testing.assert_array_equal(np.asarray(mask), mask_t.numpy())
+    assert_close(pred, pred_t.numpy())
+    np.testing.assert_allclose(float(loss), float(loss_t), rtol=1e-5)
+
+
 def assert_trees_equal(a: dict, b: dict):
     a, b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
     assert set(a) == set(b)
@@ -82,16 +98,7 @@ def test_pretrain_matches_torch(name):
     params = conv.torch_to_params(sd, config)
     model = conv.model_from_params(params, config)
 
-    rng = np.random.default_rng(0)
-    video = rng.standard_normal((2, 3, case["num_frames"], case["img_size"], case["img_size"])).astype(np.float32)
-    noise = rng.random((2, model.geometry.num_patches)).astype(np.float32)
-    with torch.no_grad():
-        loss_t, pred_t, mask_t = torch_model(torch.from_numpy(video), torch.from_numpy(noise), MASK_RATIO)
-    loss, pred, mask = jit_apply(model, jnp.asarray(video.transpose(0, 2, 3, 4, 1)), jnp.asarray(noise),
-                                 mask_ratio=MASK_RATIO)
-    np.testing.assert_array_equal(np.asarray(mask), mask_t.numpy())
-    assert_close(pred, pred_t.numpy())
-    np.testing.assert_allclose(float(loss), float(loss_t), rtol=1e-5)
+    assert_pretrain_forward_matches(model, torch_model, seed=0)
 
     assert_state_dicts_equal(conv.params_to_torch(params, config), sd)  # import -> export: the file
     assert_trees_equal(conv.torch_to_params(conv.params_to_torch(params, config), config), params)
@@ -141,6 +148,45 @@ def test_pyslowfast_layout_matches_mae_st(tmp_path, pretrain_sd):
         config = conv.infer_model_config(sd)
         assert conv.infer_model_config(loaded) == config
         assert_trees_equal(conv.torch_to_params(loaded, config), conv.torch_to_params(sd, config))
+
+
+def test_pyslowfast_mae_checkpoint_matches_torch(tmp_path):
+    """A PySlowFast MaskMViT pre-training .pyth (decoder under pred_head, the encoder's class token decoded,
+    a joint decoder pos table, 64-wide decoder heads, every other frame as the target): imported, it gives
+    the torch model's loss, predictions and mask; exported, the same file back."""
+    torch_model = ref.randomize(ref.MaskedAutoencoder(pyslowfast=True, num_frames=8, img_size=32, pred_t_dim=4,
+                                                      num_heads=6, decoder_embed_dim=128, decoder_num_heads=2), 5)
+    torch_model.eval()
+    sd = {k: torch.from_numpy(v) for k, v in numpy_state(torch_model).items()}
+    assert "decoder_cls_token" not in sd and sd["decoder_pos_embed"].shape == (1, 1 + 4 * 2 * 2, 128)
+    cfg = ("MVIT:\n  EMBED_DIM: 768\n  NUM_HEADS: 6\nMASK:\n  MAE_ON: true\n  NORM_PRED_PIXEL: true\n"
+           "AUG:\n  MASK_RATIO: 0.75\nDATA:\n  NUM_FRAMES: 8\n")  # as PySlowFast's cfg.dump() writes it
+    saved = ref.to_pyslowfast_mae(sd, decoder_depth=2, cfg=cfg)
+    assert {"pred_head.transforms.0.2.weight", "pred_head.projections.0.weight",
+            "pred_head.transforms.0.1.attn.qkv.weight"} <= set(saved["model_state"])
+    saved["model_state"] = {"module." + k: v for k, v in saved["model_state"].items()}
+    torch.save(saved, tmp_path / "mae.pyth")
+    loaded, hints = conv.load_torch_file(str(tmp_path / "mae.pyth"))
+    assert hints == {"num_heads": 6, "norm_pix_loss": True, "mask_ratio": 0.75, "num_frames": 8}  # from its cfg
+    config = conv.infer_model_config(loaded, hints, attention_impl="reference")
+    assert {k: config[k] for k in ("kind", "decoder_cls", "decoder_pos_table", "decoder_num_heads", "target_frames",
+                                   "pred_t_dim", "num_frames", "decoder_depth", "num_heads")} == dict(
+        kind="pretrain", decoder_cls="encoder", decoder_pos_table="joint", decoder_num_heads=2,
+        target_frames="stride", pred_t_dim=4, num_frames=8, decoder_depth=2, num_heads=6)
+    model = conv.model_from_params(conv.torch_to_params(loaded, config), config)
+    assert_pretrain_forward_matches(model, torch_model, seed=2)
+    assert conv.settings_from_cfg("MVIT: [unclosed", 768) == {} and conv.settings_from_cfg(cfg, 1024) == {
+        "norm_pix_loss": True, "mask_ratio": 0.75, "num_frames": 8}  # another width: its head count is not ours
+    with pytest.raises(ValueError, match="decoder_cls=encoder, config says token"):
+        conv.torch_to_params(loaded, {**config, "decoder_cls": "token"})
+    with pytest.raises(ValueError, match="decoder_pos_table=joint, config says same"):
+        conv.torch_to_params(loaded, {**config, "decoder_pos_table": "same"})
+
+    conv.convert(str(tmp_path / "mae.pyth"), str(tmp_path / "ours"))
+    conv.convert(str(tmp_path / "ours"), str(tmp_path / "back.pyth"), export=True)
+    back = torch.load(tmp_path / "back.pyth", weights_only=True)["model_state"]
+    assert_state_dicts_equal({k: v.numpy() for k, v in back.items()},
+                             {k.removeprefix("module."): v.numpy() for k, v in saved["model_state"].items()})
 
 
 def _error(sd, config, **changes):
@@ -365,3 +411,31 @@ def test_finetune_starts_from_a_converted_pytorch_checkpoint(tmp_path, tiny_conf
     torch_q = torch_model.state_dict()["blocks.0.attn.q.weight"].numpy().T
     assert np.abs(q - torch_q).max() < 2e-3 and np.abs(torch_q).max() > 1e-2
     assert "eval_top1" in read_metrics(str(tmp_path / "ft"))[-1]
+
+
+def test_pretraining_continues_from_a_converted_pyslowfast_checkpoint(tmp_path, tiny_config):
+    """A PySlowFast MaskMViT .pyth -> from_torch -> config.init_from of pre-training: a config with mae_st's decoder
+    stops naming the setting to change; with PySlowFast's decoder it trains on from the torch weights."""
+    from mae_st_jax.train import loop, pretrain
+    from mae_st_jax.train.logging import read_metrics
+
+    m = tiny_config.model
+    torch_model = ref.randomize(ref.MaskedAutoencoder(
+        pyslowfast=True, img_size=m.img_size, patch_size=m.patch_size, num_frames=m.num_frames,
+        t_patch_size=m.t_patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+        decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1, pred_t_dim=m.pred_t_dim), 3)
+    torch.save(ref.to_pyslowfast_mae(torch_model.state_dict(), 1, cfg=f"MVIT:\n  EMBED_DIM: {m.embed_dim}\n  "
+                                     f"NUM_HEADS: {m.num_heads}\n"), tmp_path / "mae.pyth")
+    conv.main(["from_torch", f"--input={tmp_path / 'mae.pyth'}", f"--output={tmp_path / 'converted'}",
+               f"--config.mask_ratio={m.mask_ratio}"])
+    tiny_config.model.update(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1)
+    tiny_config.init_from = str(tmp_path / "converted")
+    tiny_config.total_steps = 1
+    with pytest.raises(loop.InitFromError, match=r"has decoder_cls=encoder .* set --config.model.decoder_cls=encoder"):
+        pretrain.run(tiny_config, str(tmp_path / "mae_st_decoder"))
+    tiny_config.model.update(decoder_cls="encoder", decoder_pos_table="joint", target_frames="stride")
+    outcome = pretrain.run(tiny_config, str(tmp_path / "pt"))
+    assert outcome.metrics and np.isfinite(read_metrics(str(tmp_path / "pt"))[-1]["loss"])
+    q = np.asarray(outcome.state["params"]["decoder_blocks"][0]["attn"]["q"]["kernel"])
+    torch_q = torch_model.state_dict()["decoder_blocks.0.attn.q.weight"].numpy().T
+    assert np.abs(q - torch_q).max() < 0.05 * np.abs(torch_q).max()  # one AdamW step away from the torch weights

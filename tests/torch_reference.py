@@ -1,5 +1,7 @@
 """A small PyTorch MAE-ST (pre-training and fine-tuned classifier) in mae_st's state-dict layout, for parity tests."""
 
+import re
+
 import torch
 from torch import nn
 
@@ -84,11 +86,16 @@ class Encoder(nn.Module):
 
 
 class MaskedAutoencoder(Encoder):
-    """mae_st MaskedAutoencoderViT; forward(imgs [N, 3, T, H, W], noise [N, L]) -> (loss, pred, mask)."""
+    """mae_st MaskedAutoencoderViT; forward(imgs [N, 3, T, H, W], noise [N, L]) -> (loss, pred, mask).
+
+    pyslowfast=True: PySlowFast's MaskMViT decoder instead (no decoder cls token: the encoder's class-token
+    output goes through decoder_embed; one joint decoder pos table [1, 1 + L, D]; the target is every
+    T/pred_t_dim-th frame); `to_pyslowfast_mae` gives its state dict names."""
 
     def __init__(self, decoder_embed_dim=512, decoder_depth=2, decoder_num_heads=16, pred_t_dim=4,
-                 norm_pix_loss=True, **kwargs):
+                 norm_pix_loss=True, pyslowfast=False, **kwargs):
         super().__init__(**kwargs)
+        self.pyslowfast = pyslowfast
         e, d = kwargs.get("embed_dim", 768), decoder_embed_dim
         p, t = kwargs.get("patch_size", 16), kwargs.get("t_patch_size", 2)
         self.pred_t_dim, self.norm_pix_loss = pred_t_dim, norm_pix_loss
@@ -96,9 +103,9 @@ class MaskedAutoencoder(Encoder):
         self.p = p
         self.decoder_embed = nn.Linear(e, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        if self.cls:
+        if self.cls and not pyslowfast:
             self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        _pos_params(self, "decoder_", d, self.grid, self.sep, self.cls)
+        _pos_params(self, "decoder_", d, self.grid, self.sep and not pyslowfast, self.cls)
         self.decoder_blocks = nn.ModuleList(Block(d, decoder_num_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_pred = nn.Linear(d, self.u * p * p * kwargs.get("in_chans", 3))
@@ -125,16 +132,22 @@ class MaskedAutoencoder(Encoder):
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
+        if self.pyslowfast:  # the decoder gets the class-token output too
+            return x, mask, ids_restore
         return (x[:, 1:] if self.cls else x), mask, ids_restore
 
     def forward_decoder(self, x, ids_restore):
         n, length = ids_restore.shape
         x = self.decoder_embed(x)
+        cls = None
+        if self.cls:
+            cls = x[:, :1] if self.pyslowfast else self.decoder_cls_token.expand(n, -1, -1)
+            x = x[:, 1:] if self.pyslowfast else x
         x = torch.cat([x, self.mask_token.repeat(n, length - x.shape[1], 1)], 1)
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[-1]))  # unshuffle
         if self.cls:
-            x = torch.cat([self.decoder_cls_token.expand(n, -1, -1), x], 1)
-        x = x + _pos_table(self, "decoder_", self.grid, self.sep, self.cls)
+            x = torch.cat([cls, x], 1)
+        x = x + _pos_table(self, "decoder_", self.grid, self.sep and not self.pyslowfast, self.cls)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
@@ -149,6 +162,8 @@ class MaskedAutoencoder(Encoder):
 
     def forward_loss(self, imgs, pred, mask):
         frames = torch.linspace(0, imgs.shape[2] - 1, self.pred_t_dim).long()  # truncated, as mae_st
+        if self.pyslowfast:  # every other frame for T=16, pred_t_dim=8
+            frames = torch.arange(0, imgs.shape[2], imgs.shape[2] // self.pred_t_dim)
         target = self.patchify(torch.index_select(imgs, 2, frames))
         if self.norm_pix_loss:
             target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
@@ -192,6 +207,17 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
         else:  # Linear / Conv3d: keep the default fan-in scale
             prm.copy_(noise * prm.std())
     return model
+
+
+def to_pyslowfast_mae(state_dict: dict, decoder_depth: int, cfg: str = "MASK:\n  MAE_ON: True\n") -> dict:
+    """PySlowFast MaskMViT names of a pyslowfast=True MaskedAutoencoder's state dict: fused attn.qkv; the
+    decoder blocks and norm in pred_head.transforms.0, decoder_pred as pred_head.projections.0."""
+    out = {}
+    for key, value in to_pyslowfast(state_dict)["model_state"].items():
+        key = re.sub(r"^decoder_blocks\.", "pred_head.transforms.0.", key)
+        key = re.sub(r"^decoder_norm\.", f"pred_head.transforms.0.{decoder_depth}.", key)
+        out[re.sub(r"^decoder_pred\.", "pred_head.projections.0.", key)] = value
+    return {"model_state": out, "epoch": 3, "cfg": cfg}
 
 
 def to_pyslowfast(state_dict: dict) -> dict:

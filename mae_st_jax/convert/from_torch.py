@@ -73,8 +73,38 @@ def settings_from_args(args, embed_dim: int | None = None) -> dict:
     return out
 
 
+def settings_from_cfg(cfg_text, embed_dim: int | None = None) -> dict:
+    """The model settings a PySlowFast checkpoint's `cfg` (its config as YAML, cfg.dump()) records and the
+    weights' shapes do not: num_heads (MVIT.NUM_HEADS, when MVIT.EMBED_DIM is `embed_dim`), norm_pix_loss
+    (MASK.NORM_PRED_PIXEL), mask_ratio (AUG.MASK_RATIO) and num_frames (DATA.NUM_FRAMES). Empty for
+    anything else, or a cfg that does not parse."""
+    if not isinstance(cfg_text, str):
+        return {}
+    import yaml  # noqa: PLC0415 (PyYAML comes with ml_collections)
+    try:
+        cfg = yaml.safe_load(cfg_text)
+    except yaml.YAMLError as e:
+        logging.warning("the checkpoint's cfg is not YAML PySlowFast wrote (%s): not read", str(e).splitlines()[0])
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    section = lambda name: cfg.get(name) if isinstance(cfg.get(name), dict) else {}
+    mvit, mask, aug, data = section("MVIT"), section("MASK"), section("AUG"), section("DATA")
+    out = {}
+    if isinstance(mvit.get("NUM_HEADS"), int) and mvit.get("EMBED_DIM") == embed_dim:
+        out["num_heads"] = mvit["NUM_HEADS"]
+    if mask.get("MAE_ON") and isinstance(mask.get("NORM_PRED_PIXEL"), bool):
+        out["norm_pix_loss"] = mask["NORM_PRED_PIXEL"]
+    if mask.get("MAE_ON") and isinstance(aug.get("MASK_RATIO"), float) and 0 < aug["MASK_RATIO"] < 1:
+        out["mask_ratio"] = aug["MASK_RATIO"]
+    if isinstance(data.get("NUM_FRAMES"), int):
+        out["num_frames"] = data["NUM_FRAMES"]
+    return out
+
+
 def load_torch_file(path: str, *, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], dict]:
-    """(state dict as `load_torch_state_dict`, settings_from_args of the file's `args`)."""
+    """(state dict as `load_torch_state_dict`, the settings the file records beside the weights: mae_st's
+    `args` (settings_from_args) or PySlowFast's `cfg` (settings_from_cfg))."""
     import torch  # noqa: PLC0415 (torch is only needed here)
 
     def load(weights_only):
@@ -106,14 +136,37 @@ def load_torch_file(path: str, *, allow_pickle: bool = False) -> tuple[dict[str,
         logging.info("%s: skipped %d non-tensor entries: %s", path, len(skipped), skipped[:10])
     patch = out.get("patch_embed.proj.weight")
     width = int(patch.shape[0]) if patch is not None else None
+    if isinstance(ckpt, dict) and "cfg" in ckpt and "args" not in ckpt:
+        return out, settings_from_cfg(ckpt["cfg"], width)
     return out, settings_from_args(ckpt.get("args") if isinstance(ckpt, dict) else None, width)
 
 
+# PySlowFast's MaskMViT names its MAE decoder `pred_head`: transforms.0 holds the decoder blocks then the
+# decoder norm, projections.0 is decoder_pred; a separable decoder pos table is dec_pos_embed_*
+PYSLOWFAST_DECODER = ((re.compile(r"^pred_head\.transforms\.0\.(\d+)\.(weight|bias)$"), r"decoder_norm.\2"),
+                      (re.compile(r"^pred_head\.transforms\.0\.(\d+)\."), r"decoder_blocks.\1."),
+                      (re.compile(r"^pred_head\.projections\.0\."), "decoder_pred."),
+                      (re.compile(r"^dec_pos_embed_"), "decoder_pos_embed_"))
+
+
+def is_pyslowfast_mae(state_dict: dict) -> bool:
+    """A PySlowFast MaskMViT pre-training state dict (its decoder under `pred_head`)."""
+    return any(k.removeprefix("module.").startswith("pred_head.") for k in state_dict)
+
+
 def canonical(state_dict: dict) -> dict[str, np.ndarray]:
-    """mae_st key names: strip `module.`, split fused `attn.qkv`, `head.projection` -> `head`."""
+    """mae_st key names: strip `module.`, split fused `attn.qkv`, `head.projection` -> `head`, and
+    PySlowFast's MaskMViT decoder (`pred_head.*`, `dec_pos_embed_*`) -> `decoder_*`."""
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
+        if re.match(r"^pred_head\.(transforms|projections)\.[1-9]", key):
+            raise ValueError(f"{key}: a multi-scale prediction head (MASK.PRETRAIN_DEPTH with several depths) has no "
+                             f"MAE-ST counterpart; import it as --config.kind=encoder")
+        for pattern, replacement in PYSLOWFAST_DECODER:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key, count=1)
+                break
         value = _numpy(value)
         fused = re.fullmatch(r"(.*\.attn)\.qkv\.(weight|bias)", key)
         if fused:  # [3E, E] / [3E] -> q, k, v
@@ -149,6 +202,7 @@ def _facts(sd: dict) -> dict:
         f["decoder_embed_dim"] = sd["decoder_embed.weight"].shape[0]
         f["decoder_depth"] = _depth(sd, "decoder_blocks")
         f["decoder_sep_pos_embed"] = "decoder_pos_embed_spatial" in sd
+        f["decoder_cls"] = "encoder" if f["cls_embed"] and "decoder_cls_token" not in sd else "token"
     if "decoder_pred.weight" in sd:
         f["pred_dim"] = sd["decoder_pred.weight"].shape[0]
     if "head.weight" in sd:
@@ -211,7 +265,7 @@ def infer_model_config(state_dict: dict, hints: dict | None = None, **overrides)
             raise ValueError("the state dict has pos_embed_spatial but misses the key pos_embed_temporal")
         spatial, temporal = f["spatial_tokens"], f["temporal_tokens"]
         if hints.pop("num_frames", temporal * t) != temporal * t:
-            logging.warning("the checkpoint's args say num_frames, its pos_embed_temporal %d x t_patch_size %d: "
+            logging.warning("the checkpoint's args or cfg say num_frames, its pos_embed_temporal %d x t_patch_size %d: "
                             "the table wins", temporal, t)
     elif "pos_tokens" in f:
         length = f["pos_tokens"] - int(f["cls_embed"])
@@ -239,15 +293,20 @@ def infer_model_config(state_dict: dict, hints: dict | None = None, **overrides)
             raise ValueError("kind='pretrain' needs a checkpoint with a decoder (decoder_embed.weight)")
         d = f["decoder_embed_dim"]
         u = f.get("pred_dim", 0) // (p * p * f["in_chans"]) or t  # no decoder_pred: torch_to_params says so
+        pyslowfast = is_pyslowfast_mae(state_dict)  # 64-wide decoder heads, every other frame as the target
         config.update(decoder_embed_dim=d, decoder_depth=f["decoder_depth"],
-                      decoder_num_heads=16 if d % 16 == 0 else default_num_heads(d), pred_t_dim=u * temporal)
+                      decoder_num_heads=max(1, d // 64) if pyslowfast else 16 if d % 16 == 0 else default_num_heads(d),
+                      pred_t_dim=u * temporal, decoder_cls=f["decoder_cls"],
+                      decoder_pos_table=_pos_table(f["decoder_sep_pos_embed"], f["sep_pos_embed"]))
+        if pyslowfast:
+            config["target_frames"] = "stride"
     if kind == "classifier":
         if "num_classes" not in f and "num_classes" not in overrides:
             raise ValueError("the checkpoint has no head: set --config.model.num_classes for kind='classifier'")
         config["num_classes"] = f.get("num_classes")
     hints.pop("num_frames", None)
     if hints:
-        logging.info("from the checkpoint's args: %s", hints)
+        logging.info("from the settings the checkpoint saved beside its weights: %s", hints)
     config.update(hints)
     config.update(overrides)
     for heads, width in (("num_heads", "embed_dim"), ("decoder_num_heads", "decoder_embed_dim")):
@@ -296,10 +355,11 @@ def check_settings(state_dict: dict, model_config: dict) -> None:
         raise ValueError(f"checkpoint's pos_embed has {length} patch tokens, config implies "
                          f"{gt}x{gs} = {gt * gs}: set --config.model.num_frames / img_size{hint}")
     if kind == "pretrain" and "decoder_embed_dim" in f:
-        if f["decoder_sep_pos_embed"] != cfg["sep_pos_embed"]:
-            raise ValueError("checkpoint's decoder pos table is " + ("separable" if f["decoder_sep_pos_embed"]
-                             else "joint") + " but its encoder's is not: MaskedAutoencoder cannot hold both")
-        for name in ("decoder_embed_dim", "decoder_depth"):
+        table = cfg["decoder_pos_table"]
+        if f["decoder_sep_pos_embed"] != (cfg["sep_pos_embed"] if table == "same" else table == "separate"):
+            raise _setting_error("decoder_pos_table", _pos_table(f["decoder_sep_pos_embed"], cfg["sep_pos_embed"]),
+                                 table)
+        for name in ("decoder_embed_dim", "decoder_depth", "decoder_cls"):
             if f[name] != cfg[name]:
                 raise _setting_error(name, f[name], cfg[name])
         u = f.get("pred_dim", 0) // (p * p * cfg["in_chans"])
@@ -307,6 +367,11 @@ def check_settings(state_dict: dict, model_config: dict) -> None:
             raise _setting_error("pred_t_dim", u * gt, cfg["pred_t_dim"])
     if kind == "classifier" and "num_classes" in f and f["num_classes"] != cfg["num_classes"]:
         raise _setting_error("num_classes", f["num_classes"], cfg["num_classes"])
+
+
+def _pos_table(decoder_separate: bool, encoder_separate: bool) -> str:
+    """MaskedAutoencoder's decoder_pos_table for a decoder table laid out so, beside such an encoder's."""
+    return "same" if decoder_separate == encoder_separate else "separate" if decoder_separate else "joint"
 
 
 # --- our tree <-> torch keys ----------------------------------------------------------------------
@@ -426,6 +491,28 @@ def params_to_torch(params, model_config: dict | None = None) -> dict[str, np.nd
     return out
 
 
+def to_pyslowfast(state: dict, decoder_depth: int) -> dict:
+    """PySlowFast's names for a mae_st-named state dict (the inverse of canonical's renames): fused
+    attn.qkv, head.projection, and a MaskMViT decoder under pred_head (blocks, then the norm at index
+    decoder_depth, in transforms.0; decoder_pred as projections.0; dec_pos_embed_* for separate tables)."""
+    renames = ((r"^decoder_blocks\.(\d+)\.", r"pred_head.transforms.0.\1."),
+               (r"^decoder_norm\.", f"pred_head.transforms.0.{decoder_depth}."),
+               (r"^decoder_pred\.", "pred_head.projections.0."), (r"^decoder_pos_embed_", "dec_pos_embed_"),
+               (r"^head\.", "head.projection."))
+    out = {}
+    for key, value in state.items():
+        split = re.fullmatch(r"(.*\.attn)\.([qkv])\.(weight|bias)", key)
+        if split and split[2] != "q":
+            continue
+        if split:
+            value = np.concatenate([state[f"{split[1]}.{n}.{split[3]}"] for n in "qkv"], axis=0)
+            key = f"{split[1]}.qkv.{split[3]}"
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key, count=1)
+        out[key] = value
+    return out
+
+
 # --- notebook API -----------------------------------------------------------------------------------
 def complete_params(params: dict, model_config: dict, seed: int = 0) -> dict:
     """Fill leaves the checkpoint lacked (a fresh classifier head) from an initialised model."""
@@ -469,7 +556,8 @@ FLAGS = flags.FlagValues()  # private: importing this module adds no global flag
 flags.DEFINE_string("input", None, "a .pth/.pyth file (import) or our parameter directory (--export)",
                     flag_values=FLAGS)
 flags.DEFINE_string("output", None, "our parameter directory (import) or a .pth file (--export)", flag_values=FLAGS)
-flags.DEFINE_bool("export", False, "write a mae_st .pth from our parameter directory", flag_values=FLAGS)
+flags.DEFINE_bool("export", False, "write a mae_st .pth from our parameter directory (a PySlowFast .pyth for a "
+                  "model with PySlowFast's decoder, decoder_cls=encoder)", flag_values=FLAGS)
 flags.DEFINE_bool("allow_pickle", False, "torch.load with weights_only=False (trusted files only)",
                   flag_values=FLAGS)
 
@@ -498,6 +586,11 @@ def convert(input_path: str, output: str, *, export: bool = False, overrides: di
 
         params, config = checkpoint.load_params(input_path)
         state = params_to_torch(params, config)
+        if config.get("decoder_cls") == "encoder":  # PySlowFast's MaskMViT decoder: its layout and names
+            state = to_pyslowfast(state, config["decoder_depth"])
+            torch.save({"model_state": {k: torch.from_numpy(v) for k, v in state.items()}}, output)
+            logging.info("wrote %d tensors in PySlowFast's layout (MaskMViT) to %s", len(state), output)
+            return config
         torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, output)
         logging.info("wrote %d tensors to %s", len(state), output)
         return config

@@ -39,7 +39,8 @@ def target_frame_indices(num_frames: int, pred_t_dim: int, mode: str) -> np.ndar
         return np.linspace(0, num_frames - 1, pred_t_dim).astype(np.int64)
     if mode == "stride":
         if num_frames % pred_t_dim:
-            raise ValueError(f"target_frames='stride' needs num_frames={num_frames} divisible by pred_t_dim={pred_t_dim}")
+            raise ValueError(f"target_frames='stride' needs num_frames={num_frames} divisible by "
+                             f"pred_t_dim={pred_t_dim}")
         return np.arange(0, num_frames, num_frames // pred_t_dim)[:pred_t_dim]
     raise ValueError(f"target_frames={mode!r}: choose 'linspace' or 'stride'")
 
@@ -139,10 +140,11 @@ class VideoEncoder(nnx.Module):
         return self.norm(x)
 
 
-def _pos_tables(module, prefix: str, grid) -> tuple[jax.Array, jax.Array | None]:
-    """Position tables of the encoder (prefix '') or decoder (prefix 'decoder_')."""
+def _pos_tables(module, prefix: str, grid, separate: bool | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Position tables of the encoder (prefix '') or decoder (prefix 'decoder_'); `separate` (default: the
+    module's sep_pos_embed) says whether they are spatial + temporal (+ class) tables or one joint table."""
     t, h, w = grid
-    if module.sep_pos_embed:
+    if module.sep_pos_embed if separate is None else separate:
         spatial = getattr(module, prefix + "pos_embed_spatial")[0]  # [H'W', E]
         temporal = getattr(module, prefix + "pos_embed_temporal")[0]  # [T', E]
         pos = (temporal[:, None, :] + spatial[None, :, :]).reshape(t * h * w, -1)  # token t*H'W' + s
@@ -154,14 +156,31 @@ def _pos_tables(module, prefix: str, grid) -> tuple[jax.Array, jax.Array | None]
     return table, None
 
 
+DECODER_CLS = ("token", "encoder")
+DECODER_POS_TABLES = ("same", "separate", "joint")
+
+
 class MaskedAutoencoder(VideoEncoder):
     """MAE-ST. Call with a video [B, T, H, W, C] and either `noise` [B, L] or `key`;
-    returns (loss, pred [B, L, u*p*p*C], mask [B, L] with 1 = removed)."""
+    returns (loss, pred [B, L, u*p*p*C], mask [B, L] with 1 = removed).
+
+    The decoder's class token (with cls_embed) is its own zero-initialised parameter (decoder_cls='token',
+    mae_st), or the encoder's class-token output through decoder_embed ('encoder', PySlowFast's MaskMViT).
+    Its position table is laid out as the encoder's (decoder_pos_table='same', mae_st), or 'separate'
+    (spatial + temporal + class) or 'joint' ([1, L+1, D], PySlowFast's default) whatever the encoder's."""
 
     def __init__(self, *, decoder_embed_dim=512, decoder_depth=4, decoder_num_heads=16,
                  pred_t_dim=8, target_frames="linspace", norm_pix_loss=True, mask_ratio=0.9,
-                 mask_strategy="random", mask_block_size=(2, 2, 2), rngs: nnx.Rngs, **encoder_kwargs):
+                 mask_strategy="random", mask_block_size=(2, 2, 2), decoder_cls="token", decoder_pos_table="same",
+                 rngs: nnx.Rngs, **encoder_kwargs):
         super().__init__(rngs=rngs, **encoder_kwargs)
+        if decoder_cls not in DECODER_CLS:
+            raise ValueError(f"decoder_cls={decoder_cls!r}: choose one of {DECODER_CLS}")
+        if decoder_pos_table not in DECODER_POS_TABLES:
+            raise ValueError(f"decoder_pos_table={decoder_pos_table!r}: choose one of {DECODER_POS_TABLES}")
+        self.decoder_cls = decoder_cls
+        self.decoder_sep_pos_embed = (self.sep_pos_embed if decoder_pos_table == "same"
+                                      else decoder_pos_table == "separate")
         g = self.geometry
         if g.num_frames % pred_t_dim or (g.t_patch_size * pred_t_dim) % g.num_frames:
             raise ValueError(f"pred_t_dim={pred_t_dim} must divide num_frames={g.num_frames} and "
@@ -180,9 +199,9 @@ class MaskedAutoencoder(VideoEncoder):
         self.decoder_embed = nnx.Linear(self.embed_dim, d, kernel_init=layers.xavier, bias_init=layers.zeros,
                                         dtype=self.dtype, param_dtype=pdt, rngs=rngs)
         self.mask_token = param((1, 1, d))
-        if self.cls_embed:
+        if self.cls_embed and decoder_cls == "token":
             self.decoder_cls_token = nnx.Param(jnp.zeros((1, 1, d), pdt))
-        if self.sep_pos_embed:
+        if self.decoder_sep_pos_embed:
             self.decoder_pos_embed_spatial = param((1, h * w, d))
             self.decoder_pos_embed_temporal = param((1, t, d))
             if self.cls_embed:
@@ -204,8 +223,9 @@ class MaskedAutoencoder(VideoEncoder):
     def make_noise(self, key: jax.Array, batch: int) -> jax.Array:
         return masking.make_noise(key, self.mask_strategy, batch, self.geometry.grid, self.mask_block_size)
 
-    def decode(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
-        """Visible latents [B, K, E] (no cls) -> predictions [B, L, u*p*p*C]."""
+    def decode(self, latent: jax.Array, ids_restore: jax.Array, cls_latent: jax.Array | None = None) -> jax.Array:
+        """Visible latents [B, K, E] (no cls) -> predictions [B, L, u*p*p*C]. `cls_latent` [B, 1, E]: the
+        encoder's class-token output, which decoder_cls='encoder' needs."""
         b = latent.shape[0]
         length = self.geometry.num_patches
         x = self.decoder_embed(latent).astype(jnp.float32)  # [B, K, D]
@@ -213,11 +233,16 @@ class MaskedAutoencoder(VideoEncoder):
                                        (b, length - x.shape[1], x.shape[-1]))
         x = jnp.concatenate([x, mask_tokens], axis=1)
         x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)  # unshuffle: [B, L, D]
-        pos, cls_pos = _pos_tables(self, "decoder_", self.geometry.grid)
+        pos, cls_pos = _pos_tables(self, "decoder_", self.geometry.grid, self.decoder_sep_pos_embed)
         x = x + pos[None]
         if self.cls_embed:
-            cls = self.decoder_cls_token[...] + cls_pos[None]
-            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, x.shape[-1])).astype(jnp.float32), x], axis=1)
+            if self.decoder_cls == "encoder":
+                if cls_latent is None:
+                    raise ValueError("decoder_cls='encoder' decodes the encoder's class-token output: pass cls_latent")
+                cls = self.decoder_embed(cls_latent).astype(jnp.float32) + cls_pos[None]
+            else:
+                cls = jnp.broadcast_to(self.decoder_cls_token[...] + cls_pos[None], (b, 1, x.shape[-1]))
+            x = jnp.concatenate([cls.astype(jnp.float32), x], axis=1)
         x = layers.run_blocks(self.decoder_blocks, x, remat=self.remat, scan=self.scan_layers)
         x = self.decoder_pred(self.decoder_norm(x)).astype(jnp.float32)
         return x[:, 1:] if self.cls_embed else x
@@ -241,8 +266,8 @@ class MaskedAutoencoder(VideoEncoder):
                 raise ValueError("MaskedAutoencoder needs `noise` [B, L] or a `key`")
             noise = self.make_noise(key, video.shape[0])
         ids_keep, ids_restore, mask = masking.masking_from_noise(noise, self.num_visible(mask_ratio))
-        latent = self.encode(video, ids_keep)
+        latent, cls_latent = self.encode(video, ids_keep), None
         if self.cls_embed:
-            latent = latent[:, 1:]
-        pred = self.decode(latent, ids_restore)
+            latent, cls_latent = latent[:, 1:], latent[:, :1]
+        pred = self.decode(latent, ids_restore, cls_latent)
         return self.loss(video, pred, mask), pred, mask

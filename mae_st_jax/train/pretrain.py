@@ -29,7 +29,10 @@ def run(config, workdir: str) -> loop.Outcome:
 
     def init_params():
         logging.info("Initialising parameters from %s", config.init_from)
-        return checkpoint.load_params(config.init_from)[0]
+        params, saved = checkpoint.load_params(config.init_from)
+        if "decoder_embed" in params:  # a classifier's or encoder's params are refused by their shapes
+            step_lib.check_saved_settings(saved, config.model, config.init_from, step_lib.UNSHAPED_MAE_SETTINGS)
+        return params
 
     outcome = loop.run(
         config, workdir, mesh=mesh, model_fn=lambda rngs: build_model(config, rngs), tx=tx,

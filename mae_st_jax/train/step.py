@@ -50,14 +50,22 @@ def check_params_match(params, expected) -> None:
                          "cls_embed, sep_pos_embed): " + "; ".join(problems[:12]))
 
 
-def check_head_count(saved_model: dict, model_config, path: str) -> None:
-    """Raise a ValueError when `path`'s model.json and config.model disagree on num_heads: the head
-    count changes no parameter shape, so check_params_match cannot see it, but the model would differ."""
-    saved = saved_model.get("num_heads")
-    wanted = model_config.get("num_heads") if hasattr(model_config, "get") else None
-    if saved is not None and wanted is not None and int(saved) != int(wanted):
-        raise ValueError(f"config.init_from={path} has num_heads={saved} (its model.json), config.model.num_heads="
-                         f"{wanted}: set --config.model.num_heads={saved} (the parameter shapes cannot show it)")
+UNSHAPED_SETTINGS = ("num_heads",)  # settings a classifier's parameter shapes cannot show
+UNSHAPED_MAE_SETTINGS = UNSHAPED_SETTINGS + ("decoder_num_heads", "decoder_cls", "decoder_pos_table")
+
+
+def check_saved_settings(saved_model: dict, model_config, path: str, names=UNSHAPED_SETTINGS) -> None:
+    """Raise a ValueError when `path`'s model.json and config.model disagree on one of `names` (num_heads; for
+    pre-training also the decoder's heads, class token and pos table): these change no
+    parameter shape, or not one that says which setting differs, so check_params_match cannot name them, but
+    the model would differ. A setting model.json lacks (written before it existed) is not checked."""
+    for name in names:
+        saved = saved_model.get(name)
+        wanted = model_config.get(name) if hasattr(model_config, "get") else None
+        if saved is None or wanted is None or str(saved) == str(wanted):
+            continue
+        raise ValueError(f"config.init_from={path} has {name}={saved} (its model.json), config.model.{name}="
+                         f"{wanted}: set --config.model.{name}={saved} (the parameter shapes cannot show it)")
 
 
 def abstract_with_shardings(state, shardings):

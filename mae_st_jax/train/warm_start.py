@@ -119,5 +119,5 @@ def load_encoder_params(init_from: str, expected_params, model_config, *, interp
                         init_from, tuple(old_grid), tuple(new_grid))
         encoder = interpolate_pos_embed(encoder, old_grid, new_grid)
     step_lib.check_params_match(encoder, {k: v for k, v in expected_params.items() if is_encoder_param(k)})
-    step_lib.check_head_count(ckpt_config, model_config, init_from)
+    step_lib.check_saved_settings(ckpt_config, model_config, init_from)
     return encoder
