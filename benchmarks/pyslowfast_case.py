@@ -1,14 +1,16 @@
-"""Reference cases from PySlowFast's MaskMViT (MAE-ST pre-training), for benchmarks/pyslowfast_parity.py.
+"""Reference cases from PySlowFast's MaskMViT (MAE-ST pre-training) and fine-tuned ViT (MViT), for
+benchmarks/pyslowfast_parity.py.
 
 Runs the real, unmodified SlowFast MaskMViT forward (CPU, float64) on a tiny ViT (width 64, 2 + 2 blocks,
 4x32x32 clips, mask ratio 0.75, decoder width D) with fixed weights, noise and video, and saves them with
-its predictions, targets and loss to $SF_OUT/case_{D}.pt. Run it outside this repository, with SlowFast's
+its predictions, targets and loss to $SF_OUT/case_{D}.pt; `classifier` does the same for the fine-tuned
+ViT (7 classes, its logits) into $SF_OUT/classifier_case.pt. Run it outside this repository, with SlowFast's
 sources exported from a clone (nothing of SlowFast is committed here):
 
   git -C SLOWFAST_CLONE archive HEAD slowfast configs tools setup.py | tar -x -C /tmp/sf/src
   pip install --target /tmp/sf/site --no-deps fvcore iopath yacs tabulate portalocker
   SF_SRC=/tmp/sf/src SF_MIRROR=SLOWFAST_CLONE SF_OUT=/tmp/sf PYTHONPATH=/tmp/sf/src:/tmp/sf/site \
-      python benchmarks/pyslowfast_case.py [64 128]
+      python benchmarks/pyslowfast_case.py [64 128 classifier]
 
 Third-party packages the MAE forward does not use (pytorchvideo, detectron2, torchvision,
 slowfast.datasets) are stubbed; the model sources are checked to be the clone's HEAD.
@@ -297,8 +299,43 @@ def run_case(dec_dim, B=2, dtype=torch.float64):
     return case
 
 
+def run_classifier_case(B=3, dtype=torch.float64):
+    """PySlowFast's fine-tuned ViT (MViT with configs/masked_ssl/k400_VIT_L_16x4_FT.yaml, shrunk): its logits
+    before the eval-mode softmax (a hook on head.projection) on random clips, to classifier_case.pt."""
+    from slowfast.models import video_model_builder
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(SRC, "configs/masked_ssl/k400_VIT_L_16x4_FT.yaml"))
+    cfg.merge_from_list(["MVIT.EMBED_DIM", 64, "MVIT.NUM_HEADS", 4, "MVIT.DEPTH", 2, "DATA.NUM_FRAMES", 4,
+                         "DATA.TRAIN_CROP_SIZE", 32, "DATA.TEST_CROP_SIZE", 32, "MODEL.NUM_CLASSES", 7, "NUM_GPUS", 0,
+                         "TRAIN.BATCH_SIZE", B, "TEST.BATCH_SIZE", B, "DATA_LOADER.NUM_WORKERS", 0])
+    cfg = assert_and_infer_cfg(cfg)
+    assert cfg.MVIT.SEP_POS_EMBED and cfg.MVIT.CLS_EMBED_ON and cfg.MVIT.USE_MEAN_POOLING
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert type(model) is video_model_builder.MViT
+    model = model.to(dtype)
+    randomise(model)
+    model.eval()
+    T, S = cfg.DATA.NUM_FRAMES, cfg.DATA.TRAIN_CROP_SIZE
+    video = torch.randn(B, 3, T, S, S, generator=torch.Generator().manual_seed(2024), dtype=torch.float64).to(dtype)
+    seen = {}
+    hook = model.head.projection.register_forward_hook(lambda mod, inp, out: seen.update(logits=out.detach()))
+    with torch.no_grad():
+        out = model([video])
+    hook.remove()
+    assert torch.allclose(out, torch.softmax(seen["logits"], dim=1))  # eval: the head's softmax
+    case = {"model_state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "cfg": cfg.dump(),
+            "video": video, "logits": seen["logits"], "probs": out.detach(),
+            "notes": f"SlowFast {SLOWFAST_COMMIT}: MViT via build_model(cfg), eval, {dtype}; out = model([video]) "
+                     f"with video [B, C, T, H, W] = {list(video.shape)}; logits: head.projection's output"}
+    path = os.path.join(OUT_DIR, "classifier_case.pt")
+    torch.save(case, path)
+    print(f"saved {path}: logits {tuple(seen['logits'].shape)} dtype {seen['logits'].dtype}")
+    return case
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    dims = [int(a) for a in sys.argv[1:]] or [64, 128]
-    for d in dims:
-        run_case(d)
+    for arg in sys.argv[1:] or ["64", "128", "classifier"]:
+        run_classifier_case() if arg == "classifier" else run_case(int(arg))

@@ -187,6 +187,35 @@ def test_pyslowfast_mae_checkpoint_matches_torch(tmp_path):
     back = torch.load(tmp_path / "back.pyth", weights_only=True)["model_state"]
     assert_state_dicts_equal({k: v.numpy() for k, v in back.items()},
                              {k.removeprefix("module."): v.numpy() for k, v in saved["model_state"].items()})
+    assert conv.load_torch_file(str(tmp_path / "back.pyth"))[1] == hints  # its cfg says what the shapes cannot
+
+    # a head on a second encoder depth (MASK.PRETRAIN_DEPTH [k, 23]): the encoder imports, a pre-training model cannot
+    extra = dict(loaded, **{"pred_head.transforms.1.0.norm1.weight": np.ones(128, np.float32),
+                            "pred_head.projections.1.weight": np.ones((768, 128), np.float32)})
+    encoder_config = conv.infer_model_config(extra, hints, kind="encoder")
+    assert_trees_equal(conv.torch_to_params(extra, encoder_config), conv.torch_to_params(loaded, encoder_config))
+    with pytest.raises(ValueError, match="several encoder depths"):
+        conv.torch_to_params(extra, config)
+
+
+def test_init_from_settings_are_compared_as_the_model_sees_them():
+    """check_saved_settings: 'same' is the encoder's layout, decoder_cls means nothing without a class token, and
+    a model of another width is left to the shape check (which names it) instead of a head-count message."""
+    from mae_st_jax.train import step as step_lib
+
+    names = step_lib.UNSHAPED_MAE_SETTINGS
+    saved = dict(embed_dim=64, num_heads=4, sep_pos_embed=True, cls_embed=True, decoder_num_heads=1,
+                 decoder_cls="token", decoder_pos_table="separate", target_frames="linspace")
+    step_lib.check_saved_settings(saved, {**saved, "decoder_pos_table": "same"}, "d", names)
+    step_lib.check_saved_settings({**saved, "cls_embed": False}, {**saved, "cls_embed": False,
+                                                                  "decoder_cls": "encoder"}, "d", names)
+    step_lib.check_saved_settings(saved, {**saved, "embed_dim": 128, "num_heads": 8}, "d", names)
+    step_lib.check_saved_settings({"num_heads": 4}, saved, "d", names)  # an older model.json: only what it has
+    with pytest.raises(ValueError, match="has decoder_pos_table=separate .* set --config.model.decoder_pos_table="
+                                         "separate"):
+        step_lib.check_saved_settings(saved, {**saved, "decoder_pos_table": "joint"}, "d", names)
+    with pytest.raises(ValueError, match="has target_frames=linspace"):
+        step_lib.check_saved_settings(saved, {**saved, "target_frames": "stride"}, "d", names)
 
 
 def _error(sd, config, **changes):
@@ -433,7 +462,10 @@ def test_pretraining_continues_from_a_converted_pyslowfast_checkpoint(tmp_path, 
     tiny_config.total_steps = 1
     with pytest.raises(loop.InitFromError, match=r"has decoder_cls=encoder .* set --config.model.decoder_cls=encoder"):
         pretrain.run(tiny_config, str(tmp_path / "mae_st_decoder"))
-    tiny_config.model.update(decoder_cls="encoder", decoder_pos_table="joint", target_frames="stride")
+    tiny_config.model.update(decoder_cls="encoder", decoder_pos_table="joint")
+    with pytest.raises(loop.InitFromError, match=r"set --config.model.target_frames=stride"):  # [0, 2], not [0, 3]
+        pretrain.run(tiny_config, str(tmp_path / "mae_st_targets"))
+    tiny_config.model.target_frames = "stride"
     outcome = pretrain.run(tiny_config, str(tmp_path / "pt"))
     assert outcome.metrics and np.isfinite(read_metrics(str(tmp_path / "pt"))[-1]["loss"])
     q = np.asarray(outcome.state["params"]["decoder_blocks"][0]["attn"]["q"]["kernel"])

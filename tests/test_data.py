@@ -113,6 +113,8 @@ def test_videos_that_share_a_file_name_keep_different_record_names(videos, tmp_p
     assert make_shards.record_names(["/d/a/x.mp4", "/d/b/y.mp4"]) == ["x", "y"]  # unique file names stay
     assert make_shards.record_names(["gs://b/k/a/x.mp4", "gs://b/k/b/x.mp4", "gs://b/k/x.mp4"]) == [
         "a/x", "b/x", "x"]
+    assert make_shards.record_names(["/d/a/x.mp4", "/d/a/x.webm", "/d/b/y.mp4", "/d/a/x.mp4"]) == [
+        "a/x.mp4", "a/x.webm", "b/y.mp4", "a/x.mp4"]  # the extension tells them apart; a repeat is one video
 
 
 def test_videos_source_decodes_only_requested_frames(videos):

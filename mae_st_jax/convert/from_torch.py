@@ -76,8 +76,8 @@ def settings_from_args(args, embed_dim: int | None = None) -> dict:
 def settings_from_cfg(cfg_text, embed_dim: int | None = None) -> dict:
     """The model settings a PySlowFast checkpoint's `cfg` (its config as YAML, cfg.dump()) records and the
     weights' shapes do not: num_heads (MVIT.NUM_HEADS, when MVIT.EMBED_DIM is `embed_dim`), norm_pix_loss
-    (MASK.NORM_PRED_PIXEL), mask_ratio (AUG.MASK_RATIO) and num_frames (DATA.NUM_FRAMES). Empty for
-    anything else, or a cfg that does not parse."""
+    (MASK.NORM_PRED_PIXEL), mask_ratio (AUG.MASK_RATIO), num_frames (DATA.NUM_FRAMES) and mask_strategy
+    'tube' (AUG.MASK_TUBE). Empty for anything else, or a cfg that does not parse."""
     if not isinstance(cfg_text, str):
         return {}
     import yaml  # noqa: PLC0415 (PyYAML comes with ml_collections)
@@ -99,6 +99,11 @@ def settings_from_cfg(cfg_text, embed_dim: int | None = None) -> dict:
         out["mask_ratio"] = aug["MASK_RATIO"]
     if isinstance(data.get("NUM_FRAMES"), int):
         out["num_frames"] = data["NUM_FRAMES"]
+    if mask.get("MAE_ON") and aug.get("MASK_TUBE") is True:
+        out["mask_strategy"] = "tube"
+    if mask.get("MAE_ON") and mask.get("PER_FRAME_MASKING") is True:
+        logging.warning("the checkpoint was trained with MASK.PER_FRAME_MASKING (the same ratio masked in every "
+                        "frame): no mask_strategy here does that; it imports with random masking")
     return out
 
 
@@ -149,6 +154,9 @@ PYSLOWFAST_DECODER = ((re.compile(r"^pred_head\.transforms\.0\.(\d+)\.(weight|bi
                       (re.compile(r"^dec_pos_embed_"), "decoder_pos_embed_"))
 
 
+MULTISCALE_PREFIX = "decoder_of_another_depth."  # PySlowFast's heads on more encoder depths: no MAE-ST counterpart
+
+
 def is_pyslowfast_mae(state_dict: dict) -> bool:
     """A PySlowFast MaskMViT pre-training state dict (its decoder under `pred_head`)."""
     return any(k.removeprefix("module.").startswith("pred_head.") for k in state_dict)
@@ -160,9 +168,8 @@ def canonical(state_dict: dict) -> dict[str, np.ndarray]:
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
-        if re.match(r"^pred_head\.(transforms|projections)\.[1-9]", key):
-            raise ValueError(f"{key}: a multi-scale prediction head (MASK.PRETRAIN_DEPTH with several depths) has no "
-                             f"MAE-ST counterpart; import it as --config.kind=encoder")
+        if re.match(r"^pred_head\.(transforms|projections)\.[1-9]", key):  # dropped unless kind='pretrain'
+            key = MULTISCALE_PREFIX + key
         for pattern, replacement in PYSLOWFAST_DECODER:
             if pattern.match(key):
                 key = pattern.sub(replacement, key, count=1)
@@ -445,6 +452,10 @@ def torch_to_params(state_dict: dict, model_config: dict) -> dict:
     if kind == "classifier" and "head.weight" in sd and not model_config.get("cls_embed", False):
         logging.warning("a fine-tuned classifier without a class token: mae_st's pools its patch tokens after "
                         "dropping token 0 (meant for the class token), ours pools them all, so the logits differ")
+    if kind == "pretrain" and any(k.startswith(MULTISCALE_PREFIX) for k in sd):
+        raise ValueError("the checkpoint predicts from several encoder depths (PySlowFast's MASK.PRETRAIN_DEPTH "
+                         "with more than one): no MAE-ST model holds that; import its encoder with "
+                         "--config.kind=encoder")
     abstract = _abstract_params({**model_config, "kind": kind})
     if kind == "classifier" and not any(k.startswith("head.") for k in sd):
         logging.info("no head in the checkpoint: the classifier head stays initialised")
@@ -511,6 +522,18 @@ def to_pyslowfast(state: dict, decoder_depth: int) -> dict:
             key = re.sub(pattern, replacement, key, count=1)
         out[key] = value
     return out
+
+
+def pyslowfast_cfg(model_config: dict) -> str:
+    """The part of a PySlowFast cfg (YAML) that settings_from_cfg reads back: what the shapes do not show."""
+    import yaml  # noqa: PLC0415
+
+    cfg = {"MVIT": {"EMBED_DIM": int(model_config["embed_dim"]), "NUM_HEADS": int(model_config["num_heads"])},
+           "DATA": {"NUM_FRAMES": int(model_config["num_frames"])},
+           "MASK": {"MAE_ON": True, "NORM_PRED_PIXEL": bool(model_config.get("norm_pix_loss", True))},
+           "AUG": {"MASK_RATIO": float(model_config.get("mask_ratio", 0.9)),
+                   "MASK_TUBE": model_config.get("mask_strategy", "random") == "tube"}}
+    return yaml.safe_dump(cfg)
 
 
 # --- notebook API -----------------------------------------------------------------------------------
@@ -588,7 +611,8 @@ def convert(input_path: str, output: str, *, export: bool = False, overrides: di
         state = params_to_torch(params, config)
         if config.get("decoder_cls") == "encoder":  # PySlowFast's MaskMViT decoder: its layout and names
             state = to_pyslowfast(state, config["decoder_depth"])
-            torch.save({"model_state": {k: torch.from_numpy(v) for k, v in state.items()}}, output)
+            torch.save({"model_state": {k: torch.from_numpy(v) for k, v in state.items()},
+                        "cfg": pyslowfast_cfg(config)}, output)
             logging.info("wrote %d tensors in PySlowFast's layout (MaskMViT) to %s", len(state), output)
             return config
         torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, output)

@@ -31,9 +31,10 @@ _PROGRESS = None  # a worker's queue for one message per finished video
 def record_names(paths: list[str]) -> list[str]:
     """Each video's record name (what predictions.csv and names.txt call it): the file name without its
     extension; when two listed videos share one (clip_001.mp4 in several class folders), every name is
-    the path below the folder they all share, without the extension (`jump/clip_001`)."""
+    the path below the folder they all share, without the extension (`jump/clip_001`), or with it when
+    that still repeats (x.mp4 beside x.webm). A video listed twice keeps one name."""
     stems = [os.path.splitext(p.rstrip("/").rsplit("/", 1)[-1])[0] for p in paths]
-    if len(set(stems)) == len(stems):
+    if len(set(stems)) == len(set(paths)):
         return stems
     parts = [p.split("/") for p in paths]
     shared = 0  # how many leading folders every path has in common
@@ -41,7 +42,9 @@ def record_names(paths: list[str]) -> list[str]:
         shared += 1
     logging.info("Some listed videos share a file name: each record is named by its path below %s",
                  "/".join(parts[0][:shared]) or "the current folder")
-    return [os.path.splitext("/".join(q[shared:]))[0] for q in parts]
+    relative = ["/".join(q[shared:]) for q in parts]
+    names = [os.path.splitext(r)[0] for r in relative]
+    return names if len(set(names)) == len(set(relative)) else relative
 
 
 def convert_video(path: str, label: int, label_name: str, short_side: int = 256, fps: float = 0.0,

@@ -136,15 +136,6 @@ def _init_from_error(config, message: str) -> "InitFromError":
     return InitFromError(f"config.init_from={config.init_from}: {message}")
 
 
-def _agreed_steps(mgr) -> list[int]:
-    """checkpoint.agreed_steps(mgr), with mgr closed when the processes list different steps."""
-    try:
-        return checkpoint.agreed_steps(mgr)
-    except checkpoint.StepsDifferError:
-        mgr.close()
-        raise
-
-
 def set_aside(workdir: str, steps) -> None:
     """Move unreadable checkpoint steps newer than the one resumed from out of `checkpoints/` (into
     `checkpoints_unreadable/STEP`, never deleted): Orbax would otherwise skip saving those steps
@@ -301,69 +292,69 @@ def _run(config, workdir: str, *, source, mesh, model_fn, tx, make_train_step, b
     make_manager = lambda: checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
                                               async_save=config.async_checkpoints, cleanup_tmp=True)
     mgr = make_manager()
-    steps = _agreed_steps(mgr)
-    fresh = not steps
-    from_init = init_params is not None and fresh
-    params, error = None, None
-    if from_init:  # each process reads its own copy: all go on, or all stop with the first failure's line
+    try:  # set-up: whatever ends it early closes the manager
+        steps = checkpoint.agreed_steps(mgr)
+        fresh = not steps
+        from_init = init_params is not None and fresh
+        params, error = None, None
+        if from_init:  # each process reads its own copy: all go on, or all stop with the first failure's line
+            try:
+                params = init_params()
+            except Exception as e:
+                if not isinstance(e, (FileNotFoundError, ValueError)):
+                    if jax.process_count() == 1:
+                        raise  # not a missing or mismatched checkpoint: its traceback
+                    logging.info("Reading config.init_from failed on this process", exc_info=e)
+                error = e
+            message = distributed.first_error("init_from", error)
+            if message is not None:
+                raise _init_from_error(config, message) from error
         try:
-            params = init_params()
-        except Exception as e:
-            if not isinstance(e, (FileNotFoundError, ValueError)):
-                if jax.process_count() == 1:
-                    raise  # not a missing or mismatched checkpoint: its traceback
-                logging.info("Reading config.init_from failed on this process", exc_info=e)
-            error = e
-        message = distributed.first_error("init_from", error)
-        if message is not None:
-            mgr.close()
-            raise _init_from_error(config, message) from error
-    try:
-        graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
-    except (FileNotFoundError, ValueError) as e:
-        if not from_init:
-            raise
-        mgr.close()
-        raise _init_from_error(config, str(e)) from e
-    check_free_space(workdir, _tree_bytes(state), config.keep_checkpoints)
-    start = 0
-    if not fresh:
-        try:
+            graphdef, state, state_sh = step_lib.create_state(model_fn, tx, mesh, config, params=params)
+        except (FileNotFoundError, ValueError) as e:
+            if not from_init:
+                raise
+            raise _init_from_error(config, str(e)) from e
+        check_free_space(workdir, _tree_bytes(state), config.keep_checkpoints)
+        start = 0
+        if not fresh:
             restored, step, unreadable = restore_newest(mgr, step_lib.abstract_with_shardings(state, state_sh), steps)
-        except BaseException:
+            if restored is None:
+                raise RestoreError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')} can be restored into "
+                                   "this run's state (the warnings above say why: another model size or config, or an "
+                                   "older mae_st_jax whose optimizer state differs): move it away to start afresh")
+            if unreadable:
+                mgr, old = None, mgr
+                old.close()
+                set_aside(workdir, unreadable)
+                distributed.barrier("unreadable checkpoints set aside")
+                mgr = make_manager()  # lists the steps as they are now
+                checkpoint.agreed_steps(mgr)  # a listing that one host caches would make Orbax skip a save there alone
+            state, start = restored, int(jax.device_get(restored["step"]))
+            logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
+        if jax.process_index() == 0:
+            fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+            fileio.write_text(os.path.join(workdir, checkpoint.MODEL_JSON),
+                              json.dumps(model_json, indent=2, default=list))
+        if start >= total:
+            logging.info("Nothing to do: checkpoint step %d >= total_steps %d", start, total)
             mgr.close()
-            raise
-        if restored is None:
-            mgr.close()
-            raise RestoreError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')} can be restored into "
-                               "this run's state (the warnings above say why: another model size or config, or an "
-                               "older mae_st_jax whose optimizer state differs): move it away to start afresh")
-        if unreadable:
-            mgr.close()
-            set_aside(workdir, unreadable)
-            distributed.barrier("unreadable checkpoints set aside")
-            mgr = make_manager()  # lists the steps as they are now
-            _agreed_steps(mgr)  # a listing that one host caches would make Orbax skip a save there alone
-        state, start = restored, int(jax.device_get(restored["step"]))
-        logging.info("Resuming from checkpoint step %d in %s", step, mgr.directory)
-    if jax.process_index() == 0:
-        fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-        fileio.write_text(os.path.join(workdir, checkpoint.MODEL_JSON), json.dumps(model_json, indent=2, default=list))
-    if start >= total:
-        logging.info("Nothing to do: checkpoint step %d >= total_steps %d", start, total)
-        mgr.close()
-        return Outcome({}, state, graphdef)
+            return Outcome({}, state, graphdef)
 
-    parameter_overview.log_parameter_overview(state["params"], include_stats=False)
-    train_step = make_train_step(graphdef, state_sh)
-    loader = pipeline.ClipLoader(source, config, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    log = MetricsLog(workdir, resume_step=start)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=log.writer)]
-    if config.profile_start_step >= 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(
-            logdir=workdir, first_profile=config.profile_start_step + 1, num_profile_steps=config.profile_num_steps,
-            profile_duration_ms=None, every_secs=None))
+        parameter_overview.log_parameter_overview(state["params"], include_stats=False)
+        train_step = make_train_step(graphdef, state_sh)
+        loader = pipeline.ClipLoader(source, config, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+        log = MetricsLog(workdir, resume_step=start)
+        hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=log.writer)]
+        if config.profile_start_step >= 0 and jax.process_index() == 0:
+            hooks.append(periodic_actions.Profile(
+                logdir=workdir, first_profile=config.profile_start_step + 1, num_profile_steps=config.profile_num_steps,
+                profile_duration_ms=None, every_secs=None))
+    except BaseException:
+        if mgr is not None:
+            mgr.close()
+        raise
 
     last, t_last, step_last = {}, time.time(), start
     clips_seen, data_skipped = 0, 0  # this process, this run (summed over the processes when logged)

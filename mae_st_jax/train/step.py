@@ -51,21 +51,38 @@ def check_params_match(params, expected) -> None:
 
 
 UNSHAPED_SETTINGS = ("num_heads",)  # settings a classifier's parameter shapes cannot show
-UNSHAPED_MAE_SETTINGS = UNSHAPED_SETTINGS + ("decoder_num_heads", "decoder_cls", "decoder_pos_table")
+UNSHAPED_MAE_SETTINGS = UNSHAPED_SETTINGS + ("decoder_num_heads", "decoder_cls", "decoder_pos_table", "target_frames")
+SHAPED_SETTINGS = ("embed_dim", "depth", "decoder_embed_dim", "decoder_depth")  # check_params_match names these
+
+
+def _effective(model: dict, name: str):
+    """A setting as the model it builds sees it: the decoder's pos table as 'separate' or 'joint' (its 'same'
+    follows sep_pos_embed), decoder_cls only with a class token."""
+    value = model.get(name)
+    if name == "decoder_pos_table" and value == "same":
+        return "separate" if model.get("sep_pos_embed", True) else "joint"
+    if name == "decoder_cls" and not model.get("cls_embed", True):
+        return None
+    return value
 
 
 def check_saved_settings(saved_model: dict, model_config, path: str, names=UNSHAPED_SETTINGS) -> None:
     """Raise a ValueError when `path`'s model.json and config.model disagree on one of `names` (num_heads; for
-    pre-training also the decoder's heads, class token and pos table): these change no
+    pre-training also the decoder's heads, class token and pos table and the target frames): these change no
     parameter shape, or not one that says which setting differs, so check_params_match cannot name them, but
-    the model would differ. A setting model.json lacks (written before it existed) is not checked."""
+    the model would differ. A setting model.json lacks (written before it existed) is not checked, nor any when
+    the widths or depths differ (check_params_match names those first)."""
+    wanted_model = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config or {})
+    if any(saved_model.get(k) is not None and wanted_model.get(k) is not None
+           and int(saved_model[k]) != int(wanted_model[k]) for k in SHAPED_SETTINGS):
+        return
     for name in names:
-        saved = saved_model.get(name)
-        wanted = model_config.get(name) if hasattr(model_config, "get") else None
+        saved, wanted = _effective(saved_model, name), _effective(wanted_model, name)
         if saved is None or wanted is None or str(saved) == str(wanted):
             continue
-        raise ValueError(f"config.init_from={path} has {name}={saved} (its model.json), config.model.{name}="
-                         f"{wanted}: set --config.model.{name}={saved} (the parameter shapes cannot show it)")
+        raise ValueError(f"config.init_from={path} has {name}={saved_model[name]} (its model.json), "
+                         f"config.model.{name}={wanted_model[name]}: set --config.model.{name}={saved_model[name]} "
+                         f"(the parameter shapes cannot show it)")
 
 
 def abstract_with_shardings(state, shardings):
