@@ -18,6 +18,12 @@ import pytest  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # ml_collections' config_flags loads --config files with the deprecated loader.load_module() (its code, not
+    # ours: tests/test_launch.py parses flags through it 29 times); anything else deprecated still shows
+    config.addinivalue_line("filterwarnings", r"ignore:the load_module\(\) method is deprecated:DeprecationWarning")
+
+
 def load_config_module(name: str):
     """Import configs/<name>.py by path, as the --config flag does."""
     spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
