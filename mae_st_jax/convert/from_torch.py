@@ -24,7 +24,7 @@ from absl import flags, logging
 from flax import nnx, traverse_util
 
 from mae_st_jax.models.classifier import VideoClassifier
-from mae_st_jax.models.mae import MaskedAutoencoder, VideoEncoder
+from mae_st_jax.models.mae import MaskedAutoencoder, VideoEncoder, decoder_table_separate
 from mae_st_jax.train import checkpoint
 
 KINDS = {"pretrain": MaskedAutoencoder, "classifier": VideoClassifier, "encoder": VideoEncoder}
@@ -363,7 +363,7 @@ def check_settings(state_dict: dict, model_config: dict) -> None:
                          f"{gt}x{gs} = {gt * gs}: set --config.model.num_frames / img_size{hint}")
     if kind == "pretrain" and "decoder_embed_dim" in f:
         table = cfg["decoder_pos_table"]
-        if f["decoder_sep_pos_embed"] != (cfg["sep_pos_embed"] if table == "same" else table == "separate"):
+        if f["decoder_sep_pos_embed"] != decoder_table_separate(table, cfg["sep_pos_embed"]):
             raise _setting_error("decoder_pos_table", _pos_table(f["decoder_sep_pos_embed"], cfg["sep_pos_embed"]),
                                  table)
         for name in ("decoder_embed_dim", "decoder_depth", "decoder_cls"):

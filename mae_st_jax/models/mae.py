@@ -160,6 +160,11 @@ DECODER_CLS = ("token", "encoder")
 DECODER_POS_TABLES = ("same", "separate", "joint")
 
 
+def decoder_table_separate(decoder_pos_table: str, sep_pos_embed: bool) -> bool:
+    """Whether a decoder_pos_table ('same' follows the encoder's sep_pos_embed) is spatial + temporal tables."""
+    return sep_pos_embed if decoder_pos_table == "same" else decoder_pos_table == "separate"
+
+
 class MaskedAutoencoder(VideoEncoder):
     """MAE-ST. Call with a video [B, T, H, W, C] and either `noise` [B, L] or `key`;
     returns (loss, pred [B, L, u*p*p*C], mask [B, L] with 1 = removed).
@@ -179,8 +184,7 @@ class MaskedAutoencoder(VideoEncoder):
         if decoder_pos_table not in DECODER_POS_TABLES:
             raise ValueError(f"decoder_pos_table={decoder_pos_table!r}: choose one of {DECODER_POS_TABLES}")
         self.decoder_cls = decoder_cls
-        self.decoder_sep_pos_embed = (self.sep_pos_embed if decoder_pos_table == "same"
-                                      else decoder_pos_table == "separate")
+        self.decoder_sep_pos_embed = decoder_table_separate(decoder_pos_table, self.sep_pos_embed)
         g = self.geometry
         if g.num_frames % pred_t_dim or (g.t_patch_size * pred_t_dim) % g.num_frames:
             raise ValueError(f"pred_t_dim={pred_t_dim} must divide num_frames={g.num_frames} and "

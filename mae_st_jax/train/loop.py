@@ -157,8 +157,6 @@ def set_aside(workdir: str, steps) -> None:
         logging.warning("Moved the unreadable checkpoint step %d to %s", step, dst)
 
 
-
-
 def _tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 

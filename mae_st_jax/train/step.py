@@ -6,6 +6,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mae_st_jax.models.mae import decoder_table_separate
 from mae_st_jax.train import checkpoint, optim
 from mae_st_jax.train import sharding as shd
 
@@ -59,8 +60,8 @@ def _effective(model: dict, name: str):
     """A setting as the model it builds sees it: the decoder's pos table as 'separate' or 'joint' (its 'same'
     follows sep_pos_embed), decoder_cls only with a class token."""
     value = model.get(name)
-    if name == "decoder_pos_table" and value == "same":
-        return "separate" if model.get("sep_pos_embed", True) else "joint"
+    if name == "decoder_pos_table" and value is not None:
+        return "separate" if decoder_table_separate(value, model.get("sep_pos_embed", True)) else "joint"
     if name == "decoder_cls" and not model.get("cls_embed", True):
         return None
     return value
